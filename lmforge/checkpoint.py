@@ -1,0 +1,251 @@
+"""Checkpoints and model folders: safetensors weights + JSON, written atomically, verified on load.
+
+A *model folder* is what users share and load:
+    config.json         model config (Hugging Face LlamaConfig field names) + "lmforge" block
+    model.safetensors   weights, Hugging Face Llama names; a tied lm_head is not stored twice
+    tokenizer.json      the tokenizer (Hugging Face format)
+    manifest.json       sha256 of every file above; loading refuses a mismatch
+
+A *training checkpoint* (runs/<name>/checkpoints/step_NNNNNN/) is a model folder without the
+tokenizer plus what exact resumption needs: optimizer.safetensors (every optimizer tensor),
+trainer_state.json (step, schedule, loader position, optimizer scalars and param groups) and
+rng.safetensors. Nothing here is ever unpickled.
+
+Folders are written under a temporary name and renamed into place, so a run killed mid-write
+leaves the previous checkpoint intact; `checkpoints/latest` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.common import LmforgeError, atomic_write_text
+from lmforge.model import ModelConfig, Transformer
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, MANIFEST_FILE = (
+    "config.json", "model.safetensors", "tokenizer.json", "manifest.json")
+
+
+def unwrap(model: torch.nn.Module) -> Transformer:
+    """The bare Transformer under DDP and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_folder(final: Path, write) -> Path:
+    """Call write(tmp_folder), add a manifest, then swap the folder into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    manifest = {"files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def verify_manifest(folder: Path) -> None:
+    path = folder / MANIFEST_FILE
+    if not path.exists():
+        return  # folders made by other tools have none; the weights' own checks still apply
+    for name, digest in json.loads(path.read_text())["files"].items():
+        f = folder / name
+        if not f.exists():
+            raise LmforgeError(f"{folder}: {name} is listed in manifest.json but missing; the copy is incomplete")
+        if _sha256(f) != digest:
+            raise LmforgeError(f"{f}: sha256 does not match manifest.json; the file is corrupt or was changed. "
+                               "Copy it again from its source")
+
+
+def _weights(model: Transformer) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # the same storage as model.embed_tokens.weight
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _write_model(folder: Path, model: Transformer, extra: dict | None) -> None:
+    config = {**model.config.to_dict(), "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "lmforge": extra or {}}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(_weights(model), folder / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+def save_model_folder(folder: str | Path, model: torch.nn.Module, tokenizer=None, extra: dict | None = None) -> Path:
+    model = unwrap(model)
+
+    def write(tmp: Path):
+        _write_model(tmp, model, extra)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_FILE)
+
+    return _write_folder(Path(folder), write)
+
+
+def read_config(folder: Path) -> ModelConfig:
+    path = folder / CONFIG_FILE
+    if not path.exists():
+        raise LmforgeError(f"{folder}: no {CONFIG_FILE}; this is not an lmforge model folder or checkpoint")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise LmforgeError(f"{path}: not valid JSON ({e}); the checkpoint is corrupt") from None
+    known = {k: v for k, v in raw.items() if k in ModelConfig.__dataclass_fields__}
+    return ModelConfig.from_dict(known)
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu") -> Transformer:
+    """Build the model from config.json and fill it from model.safetensors, checking every tensor."""
+    folder = Path(folder)
+    verify_manifest(folder)
+    config = read_config(folder)
+    model = Transformer(config)
+    try:
+        tensors = load_file(folder / WEIGHTS_FILE)
+    except FileNotFoundError:
+        raise LmforgeError(f"{folder}: no {WEIGHTS_FILE}") from None
+    except SafetensorError as e:
+        raise LmforgeError(f"{folder / WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise LmforgeError(f"{folder / WEIGHTS_FILE}: tensor {name} is missing")
+        if tensors[name].shape != shape:
+            raise LmforgeError(f"{folder / WEIGHTS_FILE}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                               f"config.json implies {tuple(shape)}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise LmforgeError(f"{folder / WEIGHTS_FILE}: unexpected tensors {unexpected[:3]}; "
+                           "it does not match config.json")
+    model.load_state_dict(tensors, strict=False)
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+def _optimizer_to_files(optimizers: list[torch.optim.Optimizer]) -> tuple[dict, list]:
+    """Split optimizer state dicts into tensors (for safetensors) and JSON-able rest."""
+    tensors, meta = {}, []
+    for i, opt in enumerate(optimizers):
+        sd = opt.state_dict()
+        scalars = {}
+        for pid, state in sd["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{i}.{pid}.{key}"] = value.detach().contiguous().cpu()
+                else:
+                    scalars[f"{pid}.{key}"] = value
+        meta.append({"param_groups": sd["param_groups"], "scalars": scalars})
+    return tensors, meta
+
+
+def _optimizer_from_files(optimizers, tensors: dict, meta: list) -> None:
+    for i, (opt, m) in enumerate(zip(optimizers, meta)):
+        state: dict = {}
+        for name, value in tensors.items():
+            o, pid, key = name.split(".", 2)
+            if int(o) == i:
+                state.setdefault(int(pid), {})[key] = value
+        for name, value in m["scalars"].items():
+            pid, key = name.split(".", 1)
+            state.setdefault(int(pid), {})[key] = value
+        opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizers: list,
+                    trainer_state: dict, keep_last: int = 2) -> Path:
+    ckpt_root = Path(run_dir) / "checkpoints"
+    model = unwrap(model)
+    opt_tensors, opt_meta = _optimizer_to_files(optimizers)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for k, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{k}"] = s
+    state = {**trainer_state, "step": step, "optimizers": opt_meta, "python_rng": random.getstate()}
+
+    def write(tmp: Path):
+        _write_model(tmp, model, {"step": step})
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(rng, tmp / "rng.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+    folder = _write_folder(ckpt_root / f"step_{step:06d}", write)
+    atomic_write_text(ckpt_root / "latest", folder.name)
+    for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old)
+    return folder
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    return folder if folder.exists() else None
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizers: list) -> dict:
+    """Restore weights, optimizer state and RNG in place; return the trainer state."""
+    loaded = load_model(folder, device="cpu")
+    target = unwrap(model)
+    if loaded.config != target.config:
+        raise LmforgeError(f"{folder}: checkpoint model config differs from this run's "
+                           f"({loaded.config} vs {target.config}); resume with the same model settings")
+    target.load_state_dict(loaded.state_dict())
+    state = json.loads((folder / "trainer_state.json").read_text())
+    _optimizer_from_files(optimizers, load_file(folder / "optimizer.safetensors"), state["optimizers"])
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return state
+
+
+def resolve_model_folder(run: str | None = None, model: str | None = None) -> tuple[Path, Path]:
+    """(weights folder, tokenizer file) for --run RUN_DIR or --model MODEL_DIR."""
+    if (run is None) == (model is None):
+        raise LmforgeError("name exactly one of --run RUN_FOLDER or --model MODEL_FOLDER")
+    if model is not None:
+        folder = Path(model)
+        if not folder.is_dir():
+            raise LmforgeError(f"--model {model}: no such folder")
+        return folder, folder / TOKENIZER_FILE
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise LmforgeError(f"--run {run}: no such run folder; `lmforge run` creates one under runs/")
+    if (run_dir / "model" / WEIGHTS_FILE).exists():
+        return run_dir / "model", run_dir / "model" / TOKENIZER_FILE
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise LmforgeError(f"--run {run}: no model/ and no checkpoint yet; train first (lmforge pretrain)")
+    return ckpt, run_dir / TOKENIZER_FILE

@@ -1,0 +1,282 @@
+"""The `lmforge` command: one subcommand per stage, each backed by one module.
+
+A user mistake (LmforgeError) prints one line naming the problem and the fix, and exits 2;
+no traceback. Each command imports the stage modules it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from lmforge.common import LmforgeError
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--run", metavar="RUN_FOLDER", help="a run folder made by `lmforge run` or `lmforge pretrain`")
+    g.add_argument("--model", metavar="MODEL_FOLDER", help="a model folder (config.json, model.safetensors, "
+                                                           "tokenizer.json)")
+
+
+def _add_run_args(sub) -> None:
+    p = sub.add_parser("run", help="the main job: corpus -> tokenizer -> pretrain -> eval -> samples -> report",
+                       description="Train a small language model from nothing and write a run folder with the "
+                                   "tokenizer, checkpoints, metrics, samples and report.md. By default the corpus "
+                                   "is this Python's own standard library sources plus pydoc topics.")
+    p.add_argument("--corpus", default="stdlib", help="'stdlib' (default, built in), a folder of text files, "
+                                                      "a text file or a JSONL file with a 'text' field")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget for the whole run (default 15; 1 with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="a small preset that finishes in about a minute (for tests)")
+    p.add_argument("--name", help="run folder name under --runs-dir (default: date-time)")
+    p.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_tokenizer_args(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train, show or export a byte-level BPE tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="{train,show,export}")
+    t = tsub.add_parser("train", help="train a tokenizer on a corpus",
+                        description="Byte-level BPE (GPT-4 split pattern) trained on the corpus's training split.")
+    t.add_argument("--corpus", default="stdlib", help="'stdlib', a folder, a text file or a JSONL file")
+    t.add_argument("--vocab-size", type=int, default=8192, help="total tokens incl. special tokens (default 8192)")
+    t.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes")
+    t.add_argument("--out", default="tokenizer.json", help="output file (default tokenizer.json)")
+    s = tsub.add_parser("show", help="show how text is cut into tokens, coloured, with ids",
+                        description="Print the text with each token coloured and the token ids, like an online "
+                                    "tokenizer playground.")
+    s.add_argument("text", help="the text to tokenize ('-' reads standard input)")
+    _add_model_source(s)
+    s.add_argument("--tokenizer", metavar="FILE", help="a tokenizer.json file")
+    s.add_argument("--no-color", action="store_true", help="mark token boundaries with | instead of colour")
+    e = tsub.add_parser("export", help="write tokenizer.json + tokenizer_config.json for Hugging Face",
+                        description="Write a folder that transformers.AutoTokenizer.from_pretrained() loads.")
+    _add_model_source(e)
+    e.add_argument("--tokenizer", metavar="FILE", help="a tokenizer.json file")
+    e.add_argument("--out", required=True, help="output folder")
+
+
+def _add_pretrain_args(sub) -> None:
+    from lmforge.train import TrainConfig
+
+    p = sub.add_parser("pretrain", help="pretrain a model on token shards (torchrun for several processes)",
+                       description="Pretrain from --data (a token-shard folder) or --corpus (tokenized first into "
+                                   "OUT/data). Under torchrun it trains with DDP. --resume continues OUT's latest "
+                                   "checkpoint exactly, with the settings it was started with.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="token-shard folder (from `lmforge run` or a previous --corpus)")
+    src.add_argument("--corpus", help="corpus to tokenize first ('stdlib', folder, text or JSONL file)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer size with --corpus (default 8192)")
+    p.add_argument("--out", required=True, help="run folder for checkpoints, metrics and the final model")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, dest="max_steps", help="optimizer steps to run")
+    length.add_argument("--minutes", type=float, help="wall-clock budget, turned into a step count after timing")
+    p.add_argument("--resume", action="store_true", help="continue OUT's latest checkpoint")
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    help_text = {"depth": "model size dial: layers; width = depth x aspect ratio", "batch_size":
+                 "sequences per process per micro-step", "grad_accum": "micro-steps per optimizer step",
+                 "optimizer": "adamw or muon", "lr": "AdamW learning rate", "matrix_lr": "Muon learning rate",
+                 "schedule": "wsd (warmup-stable-decay) or cosine", "decay_frac": "wsd: fraction of steps decaying",
+                 "dtype": "auto, fp32, bf16 or fp16", "device": "auto, cpu, cuda, mps",
+                 "eval_every": "steps between held-out checks", "eval_tokens": "tokens per held-out check",
+                 "ckpt_every": "steps between checkpoints", "kv_group": "query heads per key/value head"}
+    for name in ("depth", "aspect_ratio", "head_dim", "kv_group", "seq_len", "batch_size", "grad_accum",
+                 "optimizer", "lr", "matrix_lr", "weight_decay", "grad_clip", "schedule", "warmup_steps",
+                 "decay_frac", "min_lr_frac", "dtype", "device", "seed", "eval_every", "eval_tokens",
+                 "ckpt_every", "log_every"):
+        d = defaults[name]
+        p.add_argument("--" + name.replace("_", "-"), type=type(d), default=d,
+                       help=f"{help_text.get(name, name.replace('_', ' '))} (default {d})")
+    p.add_argument("--untied", action="store_true", help="separate lm_head instead of the tied embedding")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_generate_args(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a trained model, streaming",
+                       description="Sample a continuation of --prompt, printing tokens as they come.")
+    _add_model_source(p)
+    p.add_argument("--prompt", required=True, help="text to continue ('-' reads standard input)")
+    p.add_argument("--max-tokens", type=int, default=200, help="most new tokens (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--device", default="auto")
+
+
+def _add_eval_args(sub) -> None:
+    p = sub.add_parser("eval", help="held-out bits per byte, beside xz -9 and zlib -9",
+                       description="Bits per byte on a held-out split (default: the run's own), and the same "
+                                   "bytes compressed by xz -9 and zlib -9.")
+    _add_model_source(p)
+    p.add_argument("--data", help="token-shard folder with val shards (default: RUN/data)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Make, run and understand language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args, _add_eval_args):
+        add(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _load_tokenizer(args):
+    from lmforge.checkpoint import resolve_model_folder
+    from lmforge.tokenizer import Tokenizer
+
+    if getattr(args, "tokenizer", None):
+        return Tokenizer.load(args.tokenizer)
+    if args.run or args.model:
+        return Tokenizer.load(resolve_model_folder(args.run, args.model)[1])
+    runs = sorted(Path("runs").glob("*/tokenizer.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise LmforgeError("no tokenizer given and none under runs/; pass --run, --model or --tokenizer, "
+                           "or train one with `lmforge tokenizer train`")
+    return Tokenizer.load(runs[-1])
+
+
+def _read_text(value: str) -> str:
+    return sys.stdin.read() if value == "-" else value
+
+
+def cmd_run(args) -> None:
+    from lmforge.run import run
+
+    run(name=args.name, corpus=args.corpus, minutes=args.minutes, tiny=args.tiny, seed=args.seed,
+        device=args.device, runs_dir=args.runs_dir, progress=not args.quiet)
+
+
+def cmd_tokenizer(args) -> None:
+    if args.tokenizer_command == "train":
+        from lmforge.corpus import Corpus
+        from lmforge.prepare import train_tokenizer
+
+        tok = train_tokenizer(Corpus(args.corpus), args.vocab_size, args.max_bytes)
+        tok.save(args.out)
+        print(f"wrote {args.out} ({tok.vocab_size:,} tokens)")
+    elif args.tokenizer_command == "show":
+        from lmforge.tokenizer import render_tokens
+
+        print(render_tokens(_load_tokenizer(args), _read_text(args.text), color=not args.no_color))
+    else:
+        _load_tokenizer(args).export_hf(args.out)
+        print(f"wrote {args.out}/tokenizer.json and tokenizer_config.json")
+
+
+def cmd_pretrain(args) -> None:
+    from lmforge.train import TrainConfig, pretrain
+
+    out = Path(args.out)
+    if args.resume:
+        saved = out / "train_config.json"
+        if not saved.exists():
+            raise LmforgeError(f"--resume: {saved} not found; {out} is not a run folder that was trained")
+        cfg = TrainConfig(**json.loads(saved.read_text()))
+    else:
+        if (args.max_steps is None) == (args.minutes is None):
+            raise LmforgeError("give the training length: --steps N or --minutes M")
+        data = args.data
+        if data is None:
+            if args.corpus is None:
+                raise LmforgeError("give --data SHARD_FOLDER or --corpus SOURCE")
+            from lmforge.corpus import Corpus
+            from lmforge.prepare import prepare_data
+
+            data = str(out / "data")
+            prepare_data(Corpus(args.corpus), data, vocab_size=args.vocab_size, progress=not args.quiet)
+        names = {f.name for f in fields(TrainConfig)}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        cfg = TrainConfig(**{**values, "data_dir": data, "out_dir": str(out), "progress": not args.quiet,
+                             "tie_embeddings": not args.untied,
+                             "time_budget_s": args.minutes * 60 if args.minutes else None})
+    summary = pretrain(cfg, resume=args.resume)
+    from lmforge.common import print0
+
+    print0(f"trained {summary['steps']} steps ({summary['tokens']:,} tokens) in {summary['elapsed_s']:.0f} s; "
+           f"held-out {summary['val_bpb']:.3f} bits/byte (first {cfg.eval_tokens:,} tokens). Model: {out}/model")
+
+
+def cmd_generate(args) -> None:
+    from lmforge.checkpoint import load_model, resolve_model_folder
+    from lmforge.common import get_device, resolve_dtype
+    from lmforge.generate import generate, stream_text
+    from lmforge.tokenizer import Tokenizer
+
+    folder, tok_path = resolve_model_folder(args.run, args.model)
+    tokenizer = Tokenizer.load(tok_path)
+    device = get_device(args.device)
+    model = load_model(folder, device)
+    prompt = _read_text(args.prompt)
+    ids = generate(model, tokenizer.encode(prompt), max_tokens=args.max_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids={tokenizer.bos_id, tokenizer.eos_id},
+                   device=device, dtype=resolve_dtype("auto", device))
+    sys.stdout.write(prompt)
+    for piece in stream_text(tokenizer, ids, stop=args.stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from lmforge.checkpoint import load_model, resolve_model_folder
+    from lmforge.common import get_device, resolve_dtype
+    from lmforge.data import TokenStream, read_meta
+    from lmforge.evaluate import compressor_bpb, evaluate_bpb
+
+    folder, _ = resolve_model_folder(args.run, args.model)
+    data = Path(args.data or (Path(args.run) / "data" if args.run else ""))
+    if not args.data and not args.run:
+        raise LmforgeError("--model needs --data SHARD_FOLDER with a held-out split to evaluate on")
+    meta = read_meta(data)
+    device = get_device(args.device)
+    model = load_model(folder, device)
+    if meta["vocab_size"] != model.config.vocab_size:
+        raise LmforgeError(f"{data} was tokenized with {meta['vocab_size']} tokens but the model has "
+                           f"{model.config.vocab_size}; evaluate on shards made with the model's tokenizer")
+    result = evaluate_bpb(model, TokenStream(data, "val").all(), torch.tensor(meta["token_bytes"]),
+                          seq_len=model.config.max_position_embeddings, batch_size=args.batch_size, device=device,
+                          dtype=resolve_dtype("auto", device))
+    val_txt = data / "val.txt"
+    if val_txt.exists():
+        result["compressors"] = compressor_bpb(val_txt.read_bytes())
+    print(json.dumps(result, indent=2))
+
+
+COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate,
+            "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except LmforgeError as e:
+        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        from lmforge.common import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

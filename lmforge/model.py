@@ -1,0 +1,286 @@
+"""The lmforge transformer: a Llama-family decoder, read top to bottom.
+
+    token ids -> embed_tokens -> [ x = x + attn(norm(x)); x = x + mlp(norm(x)) ] x L -> norm -> lm_head
+
+Pieces: RMSNorm (Zhang & Sennrich 2019), rotary positions (Su et al. 2021, in the "rotate half"
+layout Hugging Face Llama uses), grouped-query attention (Ainslie et al. 2023) through
+PyTorch's fused `scaled_dot_product_attention`, and a SwiGLU MLP (Shazeer 2020).
+
+Parameter names follow Hugging Face `LlamaForCausalLM` exactly
+(`model.layers.{i}.self_attn.q_proj.weight`, ...), so export and import are a key-for-key copy,
+and the config fields carry the same names as Hugging Face's `LlamaConfig`.
+
+The model is pure: no parallelism, checkpointing, compile or hooks inside. Those are applied
+from outside (see train.py).
+
+Shape legend: B batch, T new tokens, S cached + new tokens, D hidden_size, H query heads,
+K key/value heads, Hd head_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.common import LmforgeError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 704
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int, max_seq_len: int, *, head_dim: int = 64,
+                   kv_group: int = 1, aspect_ratio: int = 64, **overrides) -> ModelConfig:
+        """Size preset from one dial, as nanochat does: width = depth * aspect_ratio.
+
+        Heads are hidden_size / head_dim; with kv_group g, every g query heads share one K/V head.
+        The SwiGLU hidden size is 8/3 of the width (same parameter count as a 4x GELU MLP),
+        rounded up to a multiple of 32.
+        """
+        hidden = depth * aspect_ratio
+        heads = max(1, hidden // head_dim)
+        intermediate = 32 * math.ceil(hidden * 8 / 3 / 32)
+        config = cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=depth,
+                     num_attention_heads=heads, num_key_value_heads=max(1, heads // kv_group),
+                     intermediate_size=intermediate, max_position_embeddings=max_seq_len)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise LmforgeError naming the field when the shapes cannot work."""
+        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+                raise LmforgeError(f"model config: {f}={getattr(self, f)!r} must be a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            raise LmforgeError(f"model config: num_attention_heads={self.num_attention_heads} does not divide "
+                               f"hidden_size={self.hidden_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise LmforgeError(f"model config: num_key_value_heads={self.num_key_value_heads} does not divide "
+                               f"num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise LmforgeError(f"model config: head_dim={self.head_dim} must be even for rotary positions")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LmforgeError(f"model config: unknown fields {sorted(unknown)}")
+        config = cls(**d)
+        config.validate()
+        return config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like Hugging Face Llama: bf16 squares lose too many bits.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim) in the "rotate half" layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (max_len, Hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, Hd)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+Hd/2}) by position-dependent angles. x: (B, H, T, Hd); cos/sin: (T, Hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (L, B, K, max_len, Hd) each.
+
+    `pos` counts the tokens already stored; a forward pass with the cache appends T tokens.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, K, T, Hd) keys/values; return all (B, K, S, Hd) so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.pos += num_tokens
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                      config.head_dim)
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, Hd)
+        S = k.size(2)
+        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
+        if start == 0:
+            # Plain causal attention over the T new tokens (training, or the first prefill).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        elif T == 1:
+            # One new token attends to everything cached: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v, **gqa)
+        else:
+            # T new tokens after `start` cached ones: token i sees keys 0 .. start + i.
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*Hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        # `model.` prefix and `lm_head` outside it: Hugging Face's LlamaForCausalLM layout.
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, Hd)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2 style: N(0, 0.02), with the two projections that write into the residual stream
+        scaled by 1/sqrt(2L) so its variance stays flat with depth (Radford et al. 2019)."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.ndim == 1:  # norm gains
+                p.fill_(1.0)
+                continue
+            s = std / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj.weight",
+                                                                                    "down_proj.weight")) else std
+            p.copy_(torch.randn(p.shape, generator=generator) * s)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+        """input_ids (B, T). Returns logits (B, T, V), or with targets (B, T) the cross-entropy
+        (targets < 0 are ignored; loss_reduction='none' gives (B, T) per-token losses in nats)."""
+        B, T = input_ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise LmforgeError(f"sequence of {start + T} tokens exceeds the model's context of "
+                               f"{self.config.max_position_embeddings}; shorten the prompt or --max-tokens")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.model.norm(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Unique parameters (a tied head counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), Kaplan et al. 2020 / PaLM App. B:
+        6 per matmul weight (the embedding lookup is not a matmul, the head is) plus attention's
+        QK^T and AV, 12 * L * H * Hd * T (counting the full T x T square, as PaLM does)."""
+        c = self.config
+        matmul_params = self.num_params() - self.model.embed_tokens.weight.numel()
+        if c.tie_word_embeddings:
+            matmul_params += self.lm_head.weight.numel()  # the shared matrix still does the head's matmul
+        return 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len

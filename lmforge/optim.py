@@ -1,0 +1,113 @@
+"""Optimizers and learning-rate schedules for pretraining.
+
+AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only: decaying norm gains or
+embeddings pulls them towards zero for no benefit (GPT-3, nanoGPT). Muon (Jordan et al. 2024,
+"MomentUm Orthogonalized by Newton-Schulz") for the hidden 2-D matrices, with AdamW for the
+embedding/head and norm gains, is the recipe of the modded-nanoGPT and nanochat speedruns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmforge.common import LmforgeError
+
+
+def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalise G (replace its singular values by ~1) with a quintic
+    Newton-Schulz iteration. Coefficients from Jordan et al. 2024: they maximise the slope at
+    zero, so small singular values grow fast, at the price of landing in [0.7, 1.2] not at 1."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.float()
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T  # iterate on the wide side: X @ X.T is the smaller square
+    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD-momentum (Nesterov) whose update is orthogonalised per matrix. 2-D parameters only."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                assert p.ndim == 2, "Muon is for matrices"
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"])  # Nesterov look-ahead
+                update = zeropower_newton_schulz(update, group["ns_steps"])
+                # Scale so the update's RMS does not depend on the matrix's aspect ratio.
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+def build_optimizers(model: torch.nn.Module, *, name: str, lr: float, matrix_lr: float, weight_decay: float,
+                     betas=(0.9, 0.95)) -> list[torch.optim.Optimizer]:
+    """'adamw': one AdamW, decay on matrices only. 'muon': Muon on the hidden matrices,
+    AdamW (no decay) on the embedding/head and norm gains. Each group remembers its base lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if p.ndim == 2 and ".layers." in n]
+    embedding = [p for n, p in named if "embed_tokens" in n]
+    head = [p for n, p in named if "lm_head" in n]  # empty when tied to the embedding
+    gains = [p for n, p in named if p.ndim < 2]
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    if name == "adamw":
+        # An untied lm_head is a matrix like the rest (decayed); the input embedding is not.
+        groups = [dict(params=hidden + head, weight_decay=weight_decay, lr=lr),
+                  dict(params=embedding + gains, weight_decay=0.0, lr=lr)]
+        optimizers = [torch.optim.AdamW(groups, betas=betas, eps=1e-8, **fused)]
+    elif name == "muon":
+        optimizers = [
+            torch.optim.AdamW([dict(params=embedding + head + gains, lr=lr, weight_decay=0.0)], betas=betas, eps=1e-8,
+                              **fused),
+            Muon([dict(params=hidden, lr=matrix_lr)]),
+        ]
+    else:
+        raise LmforgeError(f"--optimizer {name}: unknown; choose adamw or muon")
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
+                  decay_frac: float = 0.3, min_lr_frac: float = 0.0) -> float:
+    """Multiplier of the base lr at `step` (0-based).
+
+    'cosine': linear warm-up, then cosine to min_lr_frac at total_steps.
+    'wsd' (warmup-stable-decay, Hu et al. 2024 MiniCPM): warm-up, flat, then linear to
+    min_lr_frac over the last decay_frac of training. Its flat phase does not depend on
+    total_steps, which suits a wall-clock budget whose step count is only known once timed.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        decay_start = total_steps * (1 - decay_frac)
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1.0, total_steps - decay_start))
+        return 1 - (1 - min_lr_frac) * progress
+    raise LmforgeError(f"--schedule {schedule}: unknown; choose cosine or wsd")
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * multiplier

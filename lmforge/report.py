@@ -1,0 +1,90 @@
+"""The run report: report.md with a loss-curve picture and the held-out figures beside baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["tokens"] / 1e6, r["loss"]) for r in records if "loss" in r]
+    val = [r for r in records if "val_bpb" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss (nats/token)", color="tab:blue", linewidth=1)
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if val:
+        tokens_per_step = train[-1][0] / max(1, [r["step"] for r in records if "loss" in r][-1]) if train else 0
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] * tokens_per_step for r in val], [r["val_bpb"] for r in val], "o-", color="tab:red",
+                 label="held-out bits/byte", markersize=3)
+        ax2.set_ylabel("held-out bits per byte", color="tab:red")
+        ax2.set_ylim(top=min(8.0, max(r["val_bpb"] for r in val)) * 1.02)
+    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88), fontsize=8)
+    ax.set_title("lmforge run: loss curve")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, facts: dict) -> Path:
+    """facts: the dict `lmforge run` collects (corpus, tokenizer, model, train, eval, samples, timings)."""
+    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    data, train, ev, model = facts["data"], facts["train"], facts["eval"], facts["model"]
+    split = data["splits"]
+    lines = [
+        f"# lmforge run: {run_dir.name}",
+        "",
+        f"Trained from nothing on `{data['corpus']}` in {facts['total_minutes']:.1f} minutes on {facts['machine']}.",
+        "",
+        "## Held-out quality (bits per byte, lower is better)",
+        "",
+        f"On the held-out split: {split['val']['num_documents']:,} documents, {ev['num_bytes']:,} bytes.",
+        "",
+        "| predictor | bits/byte |",
+        "|---|---|",
+        f"| **this model** | **{ev['bpb']:.3f}** |",
+        *(f"| {name} | {bpb:.3f} |" for name, bpb in ev["compressors"].items()),
+        "",
+        "![loss curve](loss.png)",
+        "",
+        "## Recipe",
+        "",
+        f"- corpus: {split['train']['num_documents']:,} train documents ({split['train']['num_bytes'] / 1e6:.1f} MB, "
+        f"{split['train']['num_tokens']:,} tokens); held out by hash of the document id (2%)",
+        f"- tokenizer: byte-level BPE, {facts['tokenizer']['vocab_size']:,} tokens, "
+        f"{facts['tokenizer']['bytes_per_token']:.2f} bytes/token on the training split",
+        f"- model: Llama-style decoder, {model['num_hidden_layers']} layers, width {model['hidden_size']}, "
+        f"{model['num_attention_heads']} heads ({model['num_key_value_heads']} key/value), SwiGLU "
+        f"{model['intermediate_size']}, context {model['max_position_embeddings']}, "
+        f"{'tied' if model['tie_word_embeddings'] else 'untied'} embeddings; "
+        f"{train['num_params'] / 1e6:.2f}M parameters",
+        f"- training: {facts['recipe']}",
+        f"- ran {train['steps']:,} steps, {train['tokens'] / 1e6:.1f}M tokens "
+        f"({train['tokens'] / max(1, split['train']['num_tokens']):.2f} epochs) in {train['elapsed_s'] / 60:.1f} "
+        f"min: {train['tokens_per_s']:,.0f} tokens/s, MFU {100 * train['mfu']:.1f}% of measured matmul peak",
+        "",
+        "## Time per stage",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| {stage} | {sec:.1f} |" for stage, sec in facts["timings"].items()),
+        "",
+        "## Samples",
+        "",
+        f"Sampling: {facts['sampling']}.",
+        "",
+    ]
+    for prompt, text in facts["samples"]:
+        lines += [f"**Prompt** `{prompt!r}`", "", "```", prompt + text, "```", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

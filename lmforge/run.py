@@ -1,0 +1,136 @@
+"""`lmforge run`: the main job, every stage end to end, like a speedrun script.
+
+    corpus -> tokenizer -> token shards -> pretrain (wall-clock budget) -> held-out eval
+    (beside xz -9 and zlib -9 on the same bytes) -> sample generations -> report.md
+
+The default recipe is tuned for the embedded stdlib corpus on a 2-core CPU in about 15
+minutes; `--tiny` runs the same stages on a slice of the corpus in about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from lmforge.common import LmforgeError, atomic_write_text, get_device, resolve_dtype
+from lmforge.corpus import Corpus
+from lmforge.data import TokenStream
+from lmforge.evaluate import compressor_bpb, evaluate_bpb
+from lmforge.generate import generate
+from lmforge.prepare import prepare_data
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import TrainConfig, pretrain
+
+
+@dataclass(frozen=True)
+class Preset:
+    vocab_size: int
+    corpus_max_bytes: int | None  # read only this much of the corpus
+    tokenizer_max_bytes: int | None  # train BPE on this much of the training split
+    train: dict  # TrainConfig fields
+
+
+PRESETS = {
+    "default": Preset(vocab_size=8192, corpus_max_bytes=None, tokenizer_max_bytes=None, train=dict(
+        depth=4, seq_len=256, batch_size=16, optimizer="muon", lr=3e-3, matrix_lr=0.02,
+        schedule="wsd", warmup_steps=50, decay_frac=0.4, eval_every=250, eval_tokens=32768, ckpt_every=500)),
+    "tiny": Preset(vocab_size=1024, corpus_max_bytes=3_000_000, tokenizer_max_bytes=1_000_000, train=dict(
+        depth=2, seq_len=128, batch_size=8, optimizer="muon", lr=3e-3, matrix_lr=0.02,
+        schedule="wsd", warmup_steps=10, decay_frac=0.4, eval_every=50, eval_tokens=8192, ckpt_every=100)),
+}
+SAMPLE_PROMPTS = ["def fib(", "import os\n", "class Stack:\n", "The for statement"]
+SAMPLING = dict(temperature=0.8, top_k=50, max_tokens=100)
+
+
+def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, seed: int = 1337,
+        device: str = "auto", runs_dir: str = "runs", progress: bool = True) -> Path:
+    t_start = time.perf_counter()
+    preset = PRESETS["tiny" if tiny else "default"]
+    minutes = minutes if minutes is not None else (1.0 if tiny else 15.0)
+    if minutes <= 0:
+        raise LmforgeError(f"--minutes {minutes}: must be positive")
+    run_dir = Path(runs_dir) / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if (run_dir / "model").exists():
+        raise LmforgeError(f"{run_dir} already holds a finished run; pick another --name or remove it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    say = print if progress else (lambda *a, **k: None)
+
+    # 1-2. corpus -> tokenizer -> shards
+    say(f"[1/5] corpus {corpus!r} -> tokenizer ({preset.vocab_size:,} tokens) -> token shards in {run_dir}/data")
+    t0 = time.perf_counter()
+    source = Corpus(corpus, max_bytes=preset.corpus_max_bytes)
+    meta = prepare_data(source, run_dir / "data", vocab_size=preset.vocab_size,
+                        tokenizer_max_bytes=preset.tokenizer_max_bytes, progress=progress)
+    timings["tokenizer + shards"] = time.perf_counter() - t0
+    tokenizer = Tokenizer.load(run_dir / "data" / "tokenizer.json")
+    split = meta["splits"]
+    if meta["skipped"]:
+        say(f"      skipped inputs: {meta['skipped']}")
+    say(f"      {split['train']['num_documents']:,} train / {split['val']['num_documents']:,} held-out documents, "
+        f"{split['train']['num_tokens']:,} / {split['val']['num_tokens']:,} tokens")
+
+    # 3. pretrain within what is left of the budget, keeping back time for the stages after it
+    reserve_s = 10 if tiny else 45  # final eval, samples and report
+    budget_s = minutes * 60 - (time.perf_counter() - t_start) - reserve_s
+    if budget_s < 5:
+        raise LmforgeError(f"--minutes {minutes}: no time left to train after preparing the data; give more")
+    say(f"[2/5] pretraining for {budget_s / 60:.1f} minutes")
+    cfg = TrainConfig(data_dir=str(run_dir / "data"), out_dir=str(run_dir), time_budget_s=budget_s, seed=seed,
+                      device=device, progress=progress, **preset.train)
+    t0 = time.perf_counter()
+    train = pretrain(cfg)
+    timings["pretrain"] = time.perf_counter() - t0
+
+    # 4. held-out evaluation on the whole split, beside compressors on the very same bytes
+    say("[3/5] held-out evaluation")
+    t0 = time.perf_counter()
+    from lmforge.checkpoint import load_model
+
+    dev = get_device(device)
+    dtype = resolve_dtype("auto", dev)
+    model = load_model(run_dir / "model", dev)
+    token_bytes = torch.tensor(meta["token_bytes"], dtype=torch.int64)
+    result = evaluate_bpb(model, TokenStream(run_dir / "data", "val").all(), token_bytes, seq_len=cfg.seq_len,
+                          batch_size=cfg.batch_size, device=dev, dtype=dtype)
+    val_bytes = (run_dir / "data" / "val.txt").read_bytes()
+    assert result["num_bytes"] == len(val_bytes), "model and compressors must see the same bytes"
+    result["compressors"] = compressor_bpb(val_bytes)
+    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+    timings["eval"] = time.perf_counter() - t0
+
+    # 5. samples and the report
+    say("[4/5] samples")
+    t0 = time.perf_counter()
+    samples = []
+    for i, prompt in enumerate(SAMPLE_PROMPTS):
+        ids = list(generate(model, tokenizer.encode(prompt), seed=seed + i, stop_ids={tokenizer.bos_id},
+                            device=dev, dtype=dtype, **SAMPLING))
+        samples.append((prompt, tokenizer.decode(ids)))
+    (run_dir / "samples.md").write_text("\n\n".join(f"### {p!r}\n```\n{p}{t}\n```" for p, t in samples))
+    timings["samples"] = time.perf_counter() - t0
+
+    say("[5/5] report")
+    recipe = (f"{cfg.optimizer} (matrix lr {cfg.matrix_lr}, AdamW lr {cfg.lr} for embeddings and gains), "
+              f"{cfg.schedule} schedule ({cfg.warmup_steps} warm-up steps, last {cfg.decay_frac:.0%} decaying to "
+              f"0), batch {cfg.batch_size} x {cfg.seq_len} tokens, clip {cfg.grad_clip}, "
+              f"{train['dtype']}, seed {seed}")
+    facts = {"data": meta, "train": train, "eval": result, "model": model.config.to_dict(), "samples": samples,
+             "tokenizer": {"vocab_size": tokenizer.vocab_size,
+                           "bytes_per_token": split["train"]["num_bytes"] / max(1, split["train"]["num_tokens"])},
+             "recipe": recipe, "sampling": ", ".join(f"{k} {v}" for k, v in SAMPLING.items()),
+             "timings": timings, "total_minutes": (time.perf_counter() - t_start) / 60,
+             "machine": f"{platform.machine()} {dev.type}, {torch.get_num_threads()} threads"}
+    from lmforge.report import write_report
+
+    report = write_report(run_dir, facts)
+    say(f"done in {facts['total_minutes']:.1f} min: held-out {result['bpb']:.3f} bits/byte "
+        f"(xz -9 {result['compressors']['xz -9']:.3f}, zlib -9 {result['compressors']['zlib -9']:.3f}). "
+        f"Report: {report}\nTry: lmforge generate --run {run_dir} --prompt 'def fib('")
+    return run_dir
