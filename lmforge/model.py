@@ -55,8 +55,13 @@ class ModelConfig:
         The SwiGLU hidden size is 8/3 of the width (same parameter count as a 4x GELU MLP),
         rounded up to a multiple of 32.
         """
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise LmforgeError(f"model config: unknown fields {sorted(unknown)}")
         hidden = depth * aspect_ratio
         heads = max(1, hidden // head_dim)
+        if heads % kv_group:
+            raise LmforgeError(f"kv_group={kv_group} must divide the {heads} attention heads (width / head_dim)")
         intermediate = 32 * math.ceil(hidden * 8 / 3 / 32)
         config = cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=depth,
                      num_attention_heads=heads, num_key_value_heads=max(1, heads // kv_group),
@@ -254,6 +259,7 @@ class Transformer(nn.Module):
         if start + T > self.config.max_position_embeddings:
             raise LmforgeError(f"sequence of {start + T} tokens exceeds the model's context of "
                                f"{self.config.max_position_embeddings}; shorten the prompt or --max-tokens")
+        assert kv_cache is None or start + T <= kv_cache.max_len, "KV cache too small"
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.model.layers:
@@ -280,7 +286,6 @@ class Transformer(nn.Module):
         6 per matmul weight (the embedding lookup is not a matmul, the head is) plus attention's
         QK^T and AV, 12 * L * H * Hd * T (counting the full T x T square, as PaLM does)."""
         c = self.config
-        matmul_params = self.num_params() - self.model.embed_tokens.weight.numel()
-        if c.tie_word_embeddings:
-            matmul_params += self.lm_head.weight.numel()  # the shared matrix still does the head's matmul
+        matmul_params = sum(p.numel() for p in self.model.layers.parameters() if p.ndim == 2)
+        matmul_params += self.lm_head.weight.numel()  # tied or not, the head is a matmul
         return 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len

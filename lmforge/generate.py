@@ -1,0 +1,192 @@
+"""Text generation from a `Transformer`: a sampler, a KV-cached decode loop, and streaming text.
+
+    sample_next(logits)          one next token per row: greedy, temperature, top-k, top-p
+    generate(model, prompt_ids)  prefill the prompt once, then decode one token per step, yielding ids
+    stream_text(tok, ids)        those ids as printable text pieces, cut at a stop string
+
+The decode loop keeps keys and values in the model's `KVCache`, so each step costs one token's
+forward pass instead of the whole sequence's (tests/test_generate.py checks it against a naive
+full-recompute loop). Batched, paged serving belongs to the inference engine, not here.
+
+Shape legend: B batch, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Collection, Iterable, Iterator
+
+import torch
+
+from lmforge.common import LmforgeError, autocast
+from lmforge.model import KVCache, Transformer
+
+# top-p compares a running sum of probabilities with p. Rounding can leave the sum of tokens whose
+# true mass is exactly p a hair below it (0.5 + 0.3 -> 0.79999995 in fp32), which would let one
+# more token into the nucleus; mass within this much of p counts as reaching it.
+_TOP_P_SLACK = 1e-6
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise LmforgeError naming the flag when a sampling setting cannot work."""
+    if not temperature >= 0:  # also catches NaN
+        raise LmforgeError(f"--temperature {temperature}: must be >= 0 (0 means greedy)")
+    if top_k is not None and top_k < 1:
+        raise LmforgeError(f"--top-k {top_k}: must be at least 1, or left unset to keep every token")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise LmforgeError(f"--top-p {top_p}: must be in (0, 1], e.g. 0.9; 1 keeps every token")
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token id per row of logits (B, V); returns (B,) int64.
+
+    temperature 0 is greedy and ignores top_k/top_p. Otherwise the logits are divided by the
+    temperature, cut to the top_k largest, then to the nucleus (Holtzman et al. 2019): the fewest
+    most-likely tokens whose probability reaches top_p, never fewer than one.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # fp32: bf16 logits have too few bits for the tail's softmax
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th are kept
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        # A token is in the nucleus while the tokens above it have not yet reached p; the top
+        # token has mass_before 0 < p, so at least one always stays.
+        outside = mass_before >= top_p - _TOP_P_SLACK
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(dim=-1)  # (B, V); the cut tokens have probability exactly 0
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate(model: Transformer, prompt_ids: list[int], *, max_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop_ids: Collection[int] = (), device: torch.device | str | None = None,
+             dtype: torch.dtype = torch.float32) -> Iterator[int]:
+    """Yield up to max_tokens new token ids after prompt_ids, one at a time, for streaming.
+
+    Generation ends after max_tokens, at a token in stop_ids (which is not yielded), or when the
+    prompt plus the output fill the model's context. The same seed gives the same tokens; the
+    sampler draws from its own torch.Generator, so the global RNG is left alone.
+    `device` defaults to the model's; `dtype` is the autocast compute precision.
+
+    The arguments are checked here, at the call, so a mistake surfaces before the first token.
+    """
+    context = model.config.max_position_embeddings
+    if len(prompt_ids) == 0:
+        raise LmforgeError("the prompt is empty (0 tokens); give at least one token, e.g. the tokenizer's bos_id")
+    if len(prompt_ids) >= context:
+        raise LmforgeError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}, "
+                           f"leaving no room to generate; shorten the prompt to at most {context - 1} tokens")
+    bad = [i for i in prompt_ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        raise LmforgeError(f"prompt token ids {bad[:5]} are outside the model's vocabulary "
+                           f"0..{model.config.vocab_size - 1}; check that the tokenizer belongs to this model")
+    if max_tokens < 0:
+        raise LmforgeError(f"--max-tokens {max_tokens}: must be >= 0")
+    check_sampling(temperature, top_k, top_p)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    return _decode(model, list(prompt_ids), max_tokens, temperature, top_k, top_p, seed, set(stop_ids),
+                   device, dtype)
+
+
+def _decode(model: Transformer, prompt_ids: list[int], max_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, seed: int | None, stop_ids: set[int],
+            device: torch.device, dtype: torch.dtype) -> Iterator[int]:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # fresh entropy, without touching the global RNG
+    else:
+        generator.manual_seed(seed)
+    # The context is full once prompt + output reach max_position_embeddings: the model has no
+    # position for another token.
+    num_new = min(max_tokens, model.config.max_position_embeddings - len(prompt_ids))
+    # Keys/values are stored as attention computes them: in the autocast dtype, or under fp32 in the
+    # weights' own dtype (a model cast wholesale to bf16). A mismatch breaks attention's matmul.
+    cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+
+    def forward(ids: torch.Tensor) -> int:  # ids (1, T): append to the cache, sample the next token
+        # The modes are entered per step, never held across a `yield`: they are thread-wide, and
+        # would otherwise leak into the caller's code while it consumes the stream.
+        with torch.inference_mode(), autocast(device, dtype):
+            logits = model(ids, kv_cache=cache)[:, -1]  # (1, V)
+            return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                               generator=generator).item()
+
+    with torch.inference_mode():
+        cache = KVCache(model.config, 1, len(prompt_ids) + num_new, device, cache_dtype)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T_prompt): one prefill pass
+    for _ in range(num_new):
+        token = forward(ids)
+        if token in stop_ids:
+            return
+        yield token
+        ids = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)
+
+
+class TextStream:
+    """Turns token ids into text pieces that are safe to print, and watches for stop strings.
+
+    Token bytes go through an incremental UTF-8 decoder, so a character whose bytes are split
+    across tokens comes out whole once its last byte arrives, never as U+FFFD halves. Text that
+    could still be the start of a stop string is held back until the next tokens decide it; once a
+    stop string appears, the output ends just before it and `stopped` becomes True.
+    """
+
+    def __init__(self, tokenizer, stop: Iterable[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        if any(s == "" for s in self.stop):
+            raise LmforgeError("--stop '': an empty stop string would end generation at once; remove it")
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""  # decoded, not yet emitted: it might be the start of a stop string
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that became printable ('' if none)."""
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.decode(self.tokenizer.id_to_bytes(token_id))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End of generation: return whatever was held back (a partial stop string is just text)."""
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text = self._pending
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped, self._pending = True, ""
+            return text[:min(hits)]
+        # Hold the longest tail that some stop string starts with. Emitted text never holds a stop
+        # string's start, so a stop string spanning several tokens is always found whole in _pending.
+        held = 0 if final else max((n for s in self.stop for n in range(1, min(len(s), len(text) + 1))
+                                    if text.endswith(s[:n])), default=0)
+        self._pending = text[len(text) - held:]
+        return text[:len(text) - held]
+
+
+def stream_text(tokenizer, token_iter: Iterable[int], stop: Iterable[str] = ()) -> Iterator[str]:
+    """Yield text pieces for token_iter as they become printable; stop pulling tokens at a stop string.
+
+    With `generate` as token_iter, ending here ends generation: no token is computed after the stop.
+    """
+    stream = TextStream(tokenizer, stop)
+    for token_id in token_iter:
+        piece = stream.push(token_id)
+        if piece:
+            yield piece
+        if stream.stopped:
+            return
+    tail = stream.finish()
+    if tail:
+        yield tail
