@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
+from lmforge.ops import linear_cross_entropy
 
 
 @dataclass
@@ -267,6 +268,9 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.model.norm(x)
+        if targets is not None and loss_reduction == "mean":
+            # The training path: head matmul and loss fused in chunks, the (B, T, V) logits never stored.
+            return linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits

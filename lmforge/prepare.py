@@ -10,6 +10,7 @@ Writes into one folder everything training needs and nothing it must guess:
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -25,15 +26,26 @@ from lmforge.tokenizer import Tokenizer
 def train_tokenizer(corpus: Corpus, vocab_size: int, max_bytes: int | None = None,
                     progress: bool = True) -> Tokenizer:
     """BPE on the training split (never the held-out one), optionally on its first max_bytes."""
+    docs = corpus.documents("train")
+    first = next(docs, None)
+    if first is None:
+        raise _no_documents(corpus)
+
     def texts():
         seen = 0
-        for doc in corpus.documents("train"):
+        for doc in itertools.chain([first], docs):
             yield doc.text
             seen += len(doc.text)
             if max_bytes is not None and seen >= max_bytes:
                 return
 
     return Tokenizer.train(texts(), vocab_size, show_progress=progress)
+
+
+def _no_documents(corpus: Corpus) -> LmforgeError:
+    skipped = f" (skipped: {describe_skipped(corpus.skipped)})" if corpus.skipped else ""
+    return LmforgeError(f"corpus {corpus.source!r} has no readable documents{skipped}; point --corpus at a folder "
+                        "of UTF-8 text files or a JSONL file with a 'text' field")
 
 
 def prepare_data(corpus: Corpus, out_dir: str | Path, *, vocab_size: int, tokenizer: Tokenizer | None = None,
@@ -59,9 +71,7 @@ def prepare_data(corpus: Corpus, out_dir: str | Path, *, vocab_size: int, tokeni
         num_bytes = encode_documents(tokenizer, corpus.documents(), writers, split_of, progress=bar)
     counts = {s: {**w.close(), "num_bytes": num_bytes[s]} for s, w in writers.items()}
     if counts["train"]["num_documents"] == 0:
-        raise LmforgeError(f"corpus {corpus.source!r} has no readable documents"
-                           + (f" (skipped: {describe_skipped(corpus.skipped)})" if corpus.skipped else "")
-                           + "; point --corpus at a folder of UTF-8 text files or a JSONL file with a 'text' field")
+        raise _no_documents(corpus)
     if counts["val"]["num_documents"] == 0:
         # A tiny corpus can miss the 2% hash split entirely. Moving a document over would break the
         # fixed split rule (and the eval's comparability), so stop and say so.

@@ -1,0 +1,60 @@
+"""Fused operations the model calls where plain PyTorch wastes time or memory.
+
+linear_cross_entropy: the lm_head matmul and the mean cross-entropy in one pass over chunks
+of rows, computing the gradients during the forward pass (the idea of Liger-Kernel's fused
+linear cross-entropy, in plain PyTorch). The (N, V) logits, their log-softmax and its gradient
+never exist in full: with V = 8192 and N = 4096 rows that is three 134 MB fp32 tensors, and on a
+2-core CPU `log_softmax` and its backward over them took 20% of a training step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+        # hidden (N, D), weight (V, D), targets (N,) with -1 = ignore. Returns the mean loss over valid rows.
+        valid = targets >= 0
+        num_valid = valid.sum().clamp(min=1)
+        need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_grads else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grads else None
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, hidden.size(0), chunk_rows):
+            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+            keep = valid[start:start + chunk_rows]
+            t_safe = t.clamp(min=0).unsqueeze(1)  # (c, 1)
+            logits = (h @ weight.T).float()  # (c, V); softmax maths in fp32 under any autocast
+            target_logit = logits.gather(1, t_safe).squeeze(1)  # (c,)
+            # log-sum-exp by hand, in place: torch.logsumexp allocates and makes extra passes over (c, V)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # unnormalised softmax, overwrites the logits
+            row_sum = probs.sum(dim=-1, keepdim=True)
+            lse = (row_max + row_sum.log()).squeeze(1)
+            loss += ((lse - target_logit) * keep).sum()
+            if not need_grads:
+                continue
+            # d(mean loss)/d(logits) = (softmax - onehot(target)) * w, w = 1/num_valid (0 on ignored rows)
+            w = (keep / num_valid).unsqueeze(1)  # (c, 1)
+            g = probs.mul_(w / row_sum)
+            g.scatter_add_(1, t_safe, -w.to(g.dtype))
+            g = g.to(weight.dtype)  # under autocast the two matmuls below still run in its dtype
+            grad_hidden[start:start + chunk_rows] = g @ weight
+            grad_weight += (g.T @ h).float()
+        if need_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.weight_dtype = weight.dtype
+        return loss / num_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int = 1024) -> torch.Tensor:
+    """mean over targets >= 0 of cross_entropy(hidden @ weight.T, targets); hidden (N, D), weight (V, D)."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)

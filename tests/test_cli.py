@@ -1,0 +1,109 @@
+"""The command line: the --tiny pipeline end to end, and one-line errors for bad input."""
+
+import json
+
+import pytest
+import torch
+
+from lmforge.checkpoint import save_model_folder
+from lmforge.cli import main
+from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer import Tokenizer
+
+
+def one_line_error(capsys, argv, match: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert match in err, err
+    return err
+
+
+def test_tiny_pipeline_end_to_end(tmp_path, capsys):
+    assert main(["run", "--tiny", "--minutes", "0.75", "--runs-dir", str(tmp_path), "--name", "t", "--quiet"]) == 0
+    run = tmp_path / "t"
+    for name in ("tokenizer.json", "metrics.jsonl", "samples.md", "eval.json", "loss.png", "report.md",
+                 "model/model.safetensors", "model/tokenizer.json", "model/manifest.json", "checkpoints/latest"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    initial_bpb = records[0]["val_bpb"]
+    final = json.loads((run / "eval.json").read_text())
+    assert final["bpb"] < 0.85 * initial_bpb, "training did not learn"
+    report = (run / "report.md").read_text()
+    assert f"{final['bpb']:.3f}" in report and "xz -9" in report and "zlib -9" in report
+    capsys.readouterr()
+
+    assert main(["generate", "--run", str(run), "--prompt", "def fib(", "--max-tokens", "8", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("def fib(") and len(first) > len("def fib(\n")
+    main(["generate", "--run", str(run), "--prompt", "def fib(", "--max-tokens", "8", "--seed", "1"])
+    assert capsys.readouterr().out == first  # same seed, same text
+
+    assert main(["tokenizer", "show", "def fib(n):", "--run", str(run), "--no-color"]) == 0
+    shown = capsys.readouterr().out
+    tok = Tokenizer.load(run / "tokenizer.json")
+    assert all(str(i) in shown for i in tok.encode("def fib(n):"))
+
+    assert main(["eval", "--run", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["bpb"] == pytest.approx(final["bpb"], rel=1e-4)
+
+
+def test_missing_and_empty_corpus(tmp_path, capsys):
+    one_line_error(capsys, ["run", "--tiny", "--corpus", str(tmp_path / "nope"), "--runs-dir", str(tmp_path)],
+                   "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("")
+    (empty / "binary.txt").write_bytes(b"\x00\xff" * 10)
+    err = one_line_error(capsys, ["run", "--tiny", "--quiet", "--corpus", str(empty), "--runs-dir",
+                                  str(tmp_path / "r")], "no readable documents")
+    assert "1 binary" in err and "1 empty" in err
+
+
+@pytest.fixture()
+def model_folder(tmp_path, small_data):
+    tok = Tokenizer.load(small_data / "tokenizer.json")
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, max_position_embeddings=16)
+    model = Transformer(config)
+    model.init_weights(seed=0)
+    return save_model_folder(tmp_path / "m", model, tok)
+
+
+def test_prompt_longer_than_context(model_folder, capsys):
+    one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x = 1\n" * 40],
+                   "context")
+
+
+def test_corrupt_checkpoint(model_folder, capsys):
+    weights = model_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x"], "sha256 does not match")
+    (model_folder / "manifest.json").unlink()
+    one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x"], "unreadable safetensors")
+
+
+def test_mismatched_checkpoint(model_folder, capsys):
+    (model_folder / "manifest.json").unlink()
+    config = json.loads((model_folder / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (model_folder / "config.json").write_text(json.dumps(config))
+    one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x"],
+                   "tensor model.layers.1.input_layernorm.weight is missing")
+
+
+def test_missing_run_and_resume_without_checkpoint(tmp_path, capsys, small_data):
+    one_line_error(capsys, ["generate", "--run", str(tmp_path / "none"), "--prompt", "x"], "no such run folder")
+    one_line_error(capsys, ["pretrain", "--out", str(tmp_path / "fresh"), "--resume"], "not a run folder")
+    one_line_error(capsys, ["pretrain", "--data", str(small_data), "--out", str(tmp_path / "o")], "--steps N")
+
+
+def test_bad_sampling_flags(model_folder, capsys):
+    one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x", "--top-p", "1.5"], "--top-p")
+
+
+def test_cuda_request_without_gpu(model_folder, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x", "--device", "cuda"],
+                   "CUDA is not available")
