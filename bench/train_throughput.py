@@ -5,7 +5,8 @@ length, AdamW settings and precision; Hugging Face runs with its best built-in a
 (sdpa) and its own loss path (`labels=`). Each is timed in alternating rounds after warm-up
 (the median round counts), and MFU is reported against the matmul throughput measured here.
 
-    python bench/train_throughput.py                 # default run preset shape
+    python bench/train_throughput.py                 # the shape of `lmforge run`'s default preset
+    python bench/train_throughput.py --aspect-ratio 64 --head-dim 64 --vocab-size 8192   # a wider model
     python bench/train_throughput.py --compile       # also lmforge under torch.compile
 """
 
@@ -63,8 +64,11 @@ def time_steps(step, num_steps: int, device) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # defaults: the shape of `lmforge run`'s default preset
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--aspect-ratio", type=int, default=32, help="width = depth x aspect ratio")
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 (default: the training default here)")
@@ -76,7 +80,8 @@ def main():
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    config = ModelConfig.from_depth(args.depth, args.vocab_size, args.seq_len)
+    config = ModelConfig.from_depth(args.depth, args.vocab_size, args.seq_len, aspect_ratio=args.aspect_ratio,
+                                    head_dim=args.head_dim)
     torch.manual_seed(0)
     batch = (torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device),
              torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device))

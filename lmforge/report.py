@@ -54,6 +54,10 @@ def write_report(run_dir: Path, facts: dict) -> Path:
         f"| **this model** | **{ev['bpb']:.3f}** |",
         *(f"| {name} | {bpb:.3f} |" for name, bpb in ev["compressors"].items()),
         "",
+        f"The model needs {ev['bpb'] / ev['compressors']['xz -9']:.1%} of the bits xz -9 needs for these bytes. "
+        "How compressible the held-out documents are varies with which ones the hash picks, so compare "
+        "models with each other and with the compressors on the same split, not across corpora.",
+        "",
         "![loss curve](loss.png)",
         "",
         "## Recipe",

@@ -174,8 +174,18 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 "train_config": asdict(cfg)}
 
     # Calibration for a wall-clock budget: time steps [CALIB_FROM, CALIB_TO) (the first ones pay
-    # for allocation warm-up), then fix the step count for the rest of the run.
+    # for allocation warm-up) and plan the step count. With WSD the plan is timed again a quarter
+    # of the way in, still inside the flat phase whose learning rate does not depend on the total,
+    # so a slow or noisy first measurement does not waste (or overrun) the budget.
     CALIB_FROM, CALIB_TO = 3, 15
+    replan_step = None
+
+    def plan(seconds_per_step: float) -> int:
+        remaining = cfg.time_budget_s - (time.perf_counter() - t_start) - eval_seconds  # the final eval
+        planned = torch.tensor(step + max(0, int(remaining / seconds_per_step)), device=device)
+        if ddp.distributed:
+            dist.broadcast(planned, src=0)  # every rank must run the same number of steps
+        return int(planned)
     t_start = time.perf_counter() - elapsed_before
     eval_seconds = 0.0
     val_bpb = float("nan")
@@ -224,13 +234,14 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if total_steps is None and step == CALIB_TO:
                 seconds_per_step = (time.perf_counter() - calib_t0) / (CALIB_TO - CALIB_FROM)
                 seconds_per_step += eval_seconds / cfg.eval_every  # periodic evals share the budget
-                remaining = cfg.time_budget_s - (time.perf_counter() - t_start) - eval_seconds  # final eval
-                planned = torch.tensor(step + max(0, int(remaining / seconds_per_step)), device=device)
-                if ddp.distributed:
-                    dist.broadcast(planned, src=0)  # every rank must run the same number of steps
-                total_steps = int(planned)
-                bar.total = total_steps
+                total_steps = bar.total = plan(seconds_per_step)
+                if cfg.schedule == "wsd":
+                    replan_step = max(CALIB_TO + 1, total_steps // 4)
                 print0(f"\ntimed {seconds_per_step:.3f} s/step: {total_steps} steps fit in the budget")
+            elif step == replan_step:
+                # everything since calibration, evals and checkpoints included
+                seconds_per_step = (time.perf_counter() - calib_t0) / (step - CALIB_FROM)
+                total_steps = bar.total = plan(seconds_per_step)
 
             elapsed_s = time.perf_counter() - t_start
             if step % cfg.log_every == 0 or step == total_steps:
