@@ -18,8 +18,7 @@ import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.corpus import Corpus
-from lmforge.data import TokenStream, read_meta
-from lmforge.evaluate import evaluate_bpb
+from lmforge.evaluate import evaluate_heldout
 from lmforge.prepare import prepare_data
 from lmforge.train import TrainConfig, pretrain
 
@@ -55,10 +54,8 @@ def main():
         cfg = TrainConfig(data_dir=str(data), out_dir=str(work / name), time_budget_s=args.minutes * 60,
                           progress=False, eval_every=10**9, ckpt_every=10**9, **recipe)
         summary = pretrain(cfg)
-        meta = read_meta(data)
-        result = evaluate_bpb(load_model(work / name / "model"), TokenStream(data, "val").all(),
-                              torch.tensor(meta["token_bytes"]), seq_len=cfg.seq_len, batch_size=16,
-                              device=torch.device("cpu"))
+        result = evaluate_heldout(load_model(work / name / "model"), data, seq_len=cfg.seq_len, batch_size=16,
+                                  device=torch.device("cpu"))
         print(json.dumps({"vocab": vocab, **recipe, "params": summary["num_params"], "steps": summary["steps"],
                           "tokens_per_s": round(summary["tokens_per_s"]), "bpb": round(result["bpb"], 4)}),
               flush=True)

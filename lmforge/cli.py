@@ -231,29 +231,18 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    import torch
-
     from lmforge.checkpoint import load_model, resolve_model_folder
     from lmforge.common import get_device, resolve_dtype
-    from lmforge.data import TokenStream, read_meta
-    from lmforge.evaluate import compressor_bpb, evaluate_bpb
+    from lmforge.evaluate import evaluate_heldout
 
     folder, _ = resolve_model_folder(args.run, args.model)
-    data = Path(args.data or (Path(args.run) / "data" if args.run else ""))
     if not args.data and not args.run:
         raise LmforgeError("--model needs --data SHARD_FOLDER with a held-out split to evaluate on")
-    meta = read_meta(data)
     device = get_device(args.device)
     model = load_model(folder, device)
-    if meta["vocab_size"] != model.config.vocab_size:
-        raise LmforgeError(f"{data} was tokenized with {meta['vocab_size']} tokens but the model has "
-                           f"{model.config.vocab_size}; evaluate on shards made with the model's tokenizer")
-    result = evaluate_bpb(model, TokenStream(data, "val").all(), torch.tensor(meta["token_bytes"]),
-                          seq_len=model.config.max_position_embeddings, batch_size=args.batch_size, device=device,
-                          dtype=resolve_dtype("auto", device))
-    val_txt = data / "val.txt"
-    if val_txt.exists():
-        result["compressors"] = compressor_bpb(val_txt.read_bytes())
+    result = evaluate_heldout(model, args.data or Path(args.run) / "data",
+                              seq_len=model.config.max_position_embeddings, batch_size=args.batch_size,
+                              device=device, dtype=resolve_dtype("auto", device))
     print(json.dumps(result, indent=2))
 
 

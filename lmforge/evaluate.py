@@ -13,11 +13,13 @@ from __future__ import annotations
 import lzma
 import math
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmforge.common import autocast
+from lmforge.common import LmforgeError, autocast
+from lmforge.data import TokenStream, read_meta
 
 
 @torch.no_grad()
@@ -58,3 +60,22 @@ def compressor_bpb(data: bytes) -> dict[str, float]:
     n = max(1, len(data))
     return {"xz -9": 8 * len(lzma.compress(data, preset=9)) / n,
             "zlib -9": 8 * len(zlib.compress(data, 9)) / n}
+
+
+def evaluate_heldout(model: torch.nn.Module, data_dir, *, seq_len: int, batch_size: int, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> dict:
+    """evaluate_bpb over a shard folder's whole held-out split, with the compressors on its val.txt
+    (the very bytes the model is scored on) where the folder has one."""
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
+    if meta["vocab_size"] != model.config.vocab_size:
+        raise LmforgeError(f"{data_dir} was tokenized with {meta['vocab_size']} tokens but the model has "
+                           f"{model.config.vocab_size}; evaluate on shards made with the model's tokenizer")
+    result = evaluate_bpb(model, TokenStream(data_dir, "val").all(), torch.tensor(meta["token_bytes"]),
+                          seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype)
+    val_txt = data_dir / "val.txt"
+    if val_txt.exists():
+        val_bytes = val_txt.read_bytes()
+        assert result["num_bytes"] == len(val_bytes), "model and compressors must see the same bytes"
+        result["compressors"] = compressor_bpb(val_bytes)
+    return result

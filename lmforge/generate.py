@@ -163,10 +163,12 @@ class TextStream:
 
     def _release(self, final: bool) -> str:
         text = self._pending
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        # The stop string that completes first wins, as if text arrived one character at a time, so
+        # where output ends does not depend on how the text was cut into tokens.
+        hits = [(i + len(s), i) for s in self.stop if (i := text.find(s)) >= 0]
         if hits:
             self.stopped, self._pending = True, ""
-            return text[:min(hits)]
+            return text[:min(hits)[1]]
         # Hold the longest tail that some stop string starts with. Emitted text never holds a stop
         # string's start, so a stop string spanning several tokens is always found whole in _pending.
         held = 0 if final else max((n for s in self.stop for n in range(1, min(len(s), len(text) + 1))

@@ -20,8 +20,7 @@ import torch
 
 from lmforge.common import LmforgeError, atomic_write_text, get_device, resolve_dtype
 from lmforge.corpus import Corpus
-from lmforge.data import TokenStream
-from lmforge.evaluate import compressor_bpb, evaluate_bpb
+from lmforge.evaluate import evaluate_heldout
 from lmforge.generate import generate
 from lmforge.prepare import prepare_data
 from lmforge.tokenizer import Tokenizer
@@ -100,12 +99,8 @@ def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, see
     dev = get_device(device)
     dtype = resolve_dtype("auto", dev)
     model = load_model(run_dir / "model", dev)
-    token_bytes = torch.tensor(meta["token_bytes"], dtype=torch.int64)
-    result = evaluate_bpb(model, TokenStream(run_dir / "data", "val").all(), token_bytes, seq_len=cfg.seq_len,
-                          batch_size=cfg.batch_size, device=dev, dtype=dtype)
-    val_bytes = (run_dir / "data" / "val.txt").read_bytes()
-    assert result["num_bytes"] == len(val_bytes), "model and compressors must see the same bytes"
-    result["compressors"] = compressor_bpb(val_bytes)
+    result = evaluate_heldout(model, run_dir / "data", seq_len=cfg.seq_len, batch_size=cfg.batch_size, device=dev,
+                              dtype=dtype)
     atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
     timings["eval"] = time.perf_counter() - t0
 

@@ -179,6 +179,8 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False) -> dict:
     # so a slow or noisy first measurement does not waste (or overrun) the budget.
     CALIB_FROM, CALIB_TO = 3, 15
     replan_step = None
+    t_start = time.perf_counter() - elapsed_before
+    eval_seconds = 0.0
 
     def plan(seconds_per_step: float) -> int:
         remaining = cfg.time_budget_s - (time.perf_counter() - t_start) - eval_seconds  # the final eval
@@ -186,8 +188,7 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if ddp.distributed:
             dist.broadcast(planned, src=0)  # every rank must run the same number of steps
         return int(planned)
-    t_start = time.perf_counter() - elapsed_before
-    eval_seconds = 0.0
+
     val_bpb = float("nan")
     if step == 0:
         t0 = time.perf_counter()
