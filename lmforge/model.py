@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.ops import linear_cross_entropy
+from lmforge.ops import linear_cross_entropy, rotary
 
 
 @dataclass
@@ -116,18 +116,16 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, head_dim) in the "rotate half" layout."""
+    """cos/sin of the angle p * theta^(-2i/Hd) for position p and pair i: (max_len, Hd/2) each."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (max_len, Hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, Hd)
-    return emb.cos().float(), emb.sin().float()
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (max_len, Hd/2)
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+Hd/2}) by position-dependent angles. x: (B, H, T, Hd); cos/sin: (T, Hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate pairs (x_i, x_{i+Hd/2}) by position-dependent angles ("rotate half" layout, as Hugging
+    Face Llama). x: (B, H, T, Hd); cos/sin: (T, Hd/2). One fused autograd op, see ops.rotary."""
+    return rotary(x, cos, sin)
 
 
 class KVCache:
@@ -234,7 +232,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, Hd)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, Hd/2)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()

@@ -5,6 +5,11 @@ of rows, computing the gradients during the forward pass (the idea of Liger-Kern
 linear cross-entropy, in plain PyTorch). The (N, V) logits, their log-softmax and its gradient
 never exist in full: with V = 8192 and N = 4096 rows that is three 134 MB fp32 tensors, and on a
 2-core CPU `log_softmax` and its backward over them took 20% of a training step.
+
+rotary: rotary position embedding as one autograd op. The backward pass of a rotation is the
+rotation by the opposite angle, so nothing but the angle tables is saved, and each direction
+makes four passes over half the tensor into one output instead of autograd's chunk/neg/cat/mul/
+mul/add (and their backward). On the default preset that made a training step 5-7% faster.
 """
 
 from __future__ import annotations
@@ -58,3 +63,32 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          chunk_rows: int = 1024) -> torch.Tensor:
     """mean over targets >= 0 of cross_entropy(hidden @ weight.T, targets); hidden (N, D), weight (V, D)."""
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for sign 1; sign -1 turns the other way.
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_out, cos, sin, -1), None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each pair (x_i, x_{i+Hd/2}) of x (..., T, Hd) by the angle whose cos/sin are (T, Hd/2)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # as Hugging Face: the tables take the activations' dtype
+    return _Rotary.apply(x, cos, sin)
