@@ -1,8 +1,9 @@
 """Checkpoints and model folders: safetensors weights + JSON, written atomically, verified on load.
 
 A *model folder* is what users share and load:
-    config.json         model config (Hugging Face LlamaConfig field names) + "lmforge" block
-    model.safetensors   weights, Hugging Face Llama names; a tied lm_head is not stored twice
+    config.json         model config (Hugging Face field names, `model_type` says which model
+                        file runs it: model.py for the Llama family, gpt2.py) + "lmforge" block
+    model.safetensors   weights, Hugging Face names; a tied lm_head is not stored twice
     tokenizer.json      the tokenizer (Hugging Face format)
     manifest.json       sha256 of every file above; loading refuses a mismatch
 
@@ -10,6 +11,10 @@ A *training checkpoint* (runs/<name>/checkpoints/step_NNNNNN/) is a model folder
 tokenizer plus what exact resumption needs: optimizer.safetensors (every optimizer tensor),
 trainer_state.json (step, schedule, loader position, optimizer scalars and param groups) and
 rng.safetensors. Nothing here is ever unpickled.
+
+Loading builds the model on the meta device and reads each tensor straight into its final
+storage (weights.py), hashing the file on the way: a checkpoint costs its own size in memory
+and is read once.
 
 Folders are written under a temporary name and renamed into place, so a run killed mid-write
 leaves the previous checkpoint intact; `checkpoints/latest` names the newest complete one.
@@ -25,14 +30,17 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError, atomic_write_text
 from lmforge.model import ModelConfig, Transformer
+from lmforge.weights import iter_tensors, read_header
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, MANIFEST_FILE = (
     "config.json", "model.safetensors", "tokenizer.json", "manifest.json")
+# model_type -> the Hugging Face class that loads the same folder
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
 def unwrap(model: torch.nn.Module) -> Transformer:
@@ -70,11 +78,23 @@ def _write_folder(final: Path, write) -> Path:
     return final
 
 
-def verify_manifest(folder: Path) -> None:
+def read_manifest(folder: Path) -> dict[str, str]:
+    """{file name: sha256}; empty for folders made by other tools (the weights' own checks still apply)."""
     path = folder / MANIFEST_FILE
     if not path.exists():
-        return  # folders made by other tools have none; the weights' own checks still apply
-    for name, digest in json.loads(path.read_text())["files"].items():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["files"])
+    except (ValueError, KeyError, TypeError):
+        raise LmforgeError(f"{path}: unreadable manifest; the folder is corrupt. "
+                           "Copy it again from its source") from None
+
+
+def verify_manifest(folder: Path, skip: tuple[str, ...] = ()) -> None:
+    """Check every file listed in manifest.json except `skip` (files the caller hashes as it reads)."""
+    for name, digest in read_manifest(folder).items():
+        if name in skip:
+            continue
         f = folder / name
         if not f.exists():
             raise LmforgeError(f"{folder}: {name} is listed in manifest.json but missing; the copy is incomplete")
@@ -83,15 +103,15 @@ def verify_manifest(folder: Path) -> None:
                                "Copy it again from its source")
 
 
-def _weights(model: Transformer) -> dict[str, torch.Tensor]:
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")  # the same storage as model.embed_tokens.weight
+        state.pop("lm_head.weight")  # the same storage as the token embedding
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def _write_model(folder: Path, model: Transformer, extra: dict | None) -> None:
-    config = {**model.config.to_dict(), "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+def _write_model(folder: Path, model: torch.nn.Module, extra: dict | None) -> None:
+    config = {**model.config.to_dict(), "architectures": [ARCHITECTURES[model.config.model_type]],
               "lmforge": extra or {}}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     save_file(_weights(model), folder / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -108,7 +128,27 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, tokenizer=None
     return _write_folder(Path(folder), write)
 
 
-def read_config(folder: Path) -> ModelConfig:
+def config_from_dict(raw: dict, source: str = "config"):
+    """The model config a config.json describes: ModelConfig, or GPT2Config for model_type gpt2."""
+    if raw.get("model_type", "llama") == "gpt2":
+        from lmforge.gpt2 import GPT2Config
+        cls = GPT2Config
+    else:
+        cls = ModelConfig
+    try:
+        return cls.from_dict({k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+    except LmforgeError as e:
+        raise LmforgeError(f"{source}: {e}") from None
+
+
+def build_model(config) -> torch.nn.Module:
+    if config.model_type == "gpt2":
+        from lmforge.gpt2 import GPT2
+        return GPT2(config)
+    return Transformer(config)
+
+
+def read_config(folder: Path):
     path = folder / CONFIG_FILE
     if not path.exists():
         raise LmforgeError(f"{folder}: no {CONFIG_FILE}; this is not an lmforge model folder or checkpoint")
@@ -116,36 +156,48 @@ def read_config(folder: Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except ValueError as e:
         raise LmforgeError(f"{path}: not valid JSON ({e}); the checkpoint is corrupt") from None
-    known = {k: v for k, v in raw.items() if k in ModelConfig.__dataclass_fields__}
-    return ModelConfig.from_dict(known)
+    return config_from_dict(raw, str(path))
 
 
-def load_model(folder: str | Path, device: torch.device | str = "cpu") -> Transformer:
-    """Build the model from config.json and fill it from model.safetensors, checking every tensor."""
+def check_tensor_names(path: Path, found: dict[str, tuple], expected: dict[str, tuple]) -> None:
+    """Every expected tensor present with its shape, nothing else; the error names the tensor."""
+    for name, shape in expected.items():
+        if name not in found:
+            raise LmforgeError(f"{path}: tensor {name} is missing")
+        if tuple(found[name]) != tuple(shape):
+            raise LmforgeError(f"{path}: tensor {name} has shape {tuple(found[name])}, "
+                               f"config.json implies {tuple(shape)}")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise LmforgeError(f"{path}: unexpected tensors {unexpected[:3]}; it does not match config.json")
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Build the model from config.json and fill it from model.safetensors, checking every tensor.
+
+    The weights keep the checkpoint's precision (a bf16 checkpoint runs in bf16) unless `dtype`
+    is given; a file mixing precisions takes that of its token embedding.
+    """
     folder = Path(folder)
-    verify_manifest(folder)
+    verify_manifest(folder, skip=(WEIGHTS_FILE,))
     config = read_config(folder)
-    model = Transformer(config)
-    try:
-        tensors = load_file(folder / WEIGHTS_FILE)
-    except FileNotFoundError:
-        raise LmforgeError(f"{folder}: no {WEIGHTS_FILE}") from None
-    except SafetensorError as e:
-        raise LmforgeError(f"{folder / WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
+    with torch.device("meta"):
+        model = build_model(config)
+    path = folder / WEIGHTS_FILE
+    if not path.exists():
+        raise LmforgeError(f"{folder}: no {WEIGHTS_FILE}")
+    header, _, _ = read_header(path)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise LmforgeError(f"{folder / WEIGHTS_FILE}: tensor {name} is missing")
-        if tensors[name].shape != shape:
-            raise LmforgeError(f"{folder / WEIGHTS_FILE}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                               f"config.json implies {tuple(shape)}")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise LmforgeError(f"{folder / WEIGHTS_FILE}: unexpected tensors {unexpected[:3]}; "
-                           "it does not match config.json")
-    model.load_state_dict(tensors, strict=False)
+    check_tensor_names(path, {k: v["shape"] for k, v in header.items()}, expected)
+    if dtype is None:
+        embedding = next(k for k in expected if "embed_tokens" in k or k.endswith("wte.weight"))
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[header[embedding]["dtype"]]
+    tensors = dict(iter_tensors(path, sha256=read_manifest(folder).get(WEIGHTS_FILE), dtype=dtype))
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.init_buffers()  # tied weights and tables that are not stored, now on a real device
     return model.to(device)
 
 

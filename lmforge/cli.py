@@ -123,10 +123,39 @@ def _add_eval_args(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_export_args(sub) -> None:
+    p = sub.add_parser("export", help="write a model for Hugging Face transformers (hf) or llama.cpp (gguf)",
+                       description="--format hf writes a folder AutoModelForCausalLM and AutoTokenizer load as "
+                                   "they are (config, safetensors weights, tokenizer with chat template, "
+                                   "generation config, model card). --format gguf writes one GGUF file for "
+                                   "llama.cpp-family runtimes.")
+    _add_model_source(p)
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (default) or gguf")
+    p.add_argument("--out", required=True, help="output folder (hf) or .gguf file (gguf)")
+    p.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
+                   help="gguf: precision of the weight matrices (default auto: as stored)")
+
+
+def _add_import_args(sub) -> None:
+    p = sub.add_parser("import", help="bring a downloaded Hugging Face model into lmforge's format",
+                       description="Convert a local Hugging Face model folder (config.json, *.safetensors, one "
+                                   "file or shards, tokenizer.json) into an lmforge model folder that --model "
+                                   "takes everywhere. Families: Llama (2/3, SmolLM, TinyLlama), Mistral, Qwen2, "
+                                   "Qwen3, GPT-2.")
+    p.add_argument("source", help="the Hugging Face model folder")
+    p.add_argument("--out", required=True, help="the lmforge model folder to write")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="convert the weights (default auto: keep the checkpoint's precision)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read PyTorch .bin/.pt weights when no safetensors exist (torch.load with "
+                        "weights_only=True). Pickles can carry code: use only for sources you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Make, run and understand language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args, _add_eval_args):
+    for add in (_add_run_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args, _add_eval_args,
+                _add_export_args, _add_import_args):
         add(sub)
     return parser
 
@@ -246,8 +275,33 @@ def cmd_eval(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_export(args) -> None:
+    from lmforge.checkpoint import resolve_model_folder
+
+    folder, _ = resolve_model_folder(args.run, args.model)
+    if args.format == "hf":
+        from lmforge.hf import export_hf
+
+        out = export_hf(folder, args.out, run_dir=args.run)
+        print(f"wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    else:
+        from lmforge.export_gguf import export_gguf
+
+        out = export_gguf(folder, args.out, dtype=args.dtype)
+        print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_import(args) -> None:
+    from lmforge.common import DTYPES
+    from lmforge.hf import import_hf
+
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+    out = import_hf(args.source, args.out, dtype=dtype, allow_pickle=args.allow_pickle)
+    print(f"wrote {out}; use it with --model {out} (generate, eval, export)")
+
+
 COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate,
-            "eval": cmd_eval}
+            "eval": cmd_eval, "export": cmd_export, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,12 @@ Pieces: RMSNorm (Zhang & Sennrich 2019), rotary positions (Su et al. 2021, in th
 layout Hugging Face Llama uses), grouped-query attention (Ainslie et al. 2023) through
 PyTorch's fused `scaled_dot_product_attention`, and a SwiGLU MLP (Shazeer 2020).
 
+The same file runs the open-weights models of the Llama family (lmforge/hf.py imports them):
+Mistral is Llama with sliding-window attention (Jiang et al. 2023), Qwen2 adds biases to the
+q/k/v projections, Qwen3 normalises each query and key head before the rotation (QK-norm), and
+Llama 3 rescales the rotary frequencies for long contexts. Each is one config field, used in
+one place. GPT-2 differs in most pieces and has its own file (gpt2.py).
+
 Parameter names follow Hugging Face `LlamaForCausalLM` exactly
 (`model.layers.{i}.self_attn.q_proj.weight`, ...), so export and import are a key-for-key copy,
 and the config fields carry the same names as Hugging Face's `LlamaConfig`.
@@ -29,6 +35,9 @@ import torch.nn.functional as F
 from lmforge.common import LmforgeError
 from lmforge.ops import linear_cross_entropy, rotary
 
+ROPE_TYPES = ("default", "linear", "llama3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
 
 @dataclass
 class ModelConfig:
@@ -42,10 +51,16 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    # What Hugging Face architecture a checkpoint came from (or exports to); the fields below
+    # are set by the importer and stay at their defaults for models trained here.
+    model_type: str = "llama"
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (Qwen3 sets its own)
+    qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets this and o_proj_bias
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each query/key head before the rotation
+    sliding_window: int | None = None  # Mistral: a token sees at most this many (itself included)
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...}
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, max_seq_len: int, *, head_dim: int = 64,
@@ -78,9 +93,22 @@ class ModelConfig:
                   "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 raise LmforgeError(f"model config: {f}={getattr(self, f)!r} must be a positive integer")
-        if self.hidden_size % self.num_attention_heads:
-            raise LmforgeError(f"model config: num_attention_heads={self.num_attention_heads} does not divide "
-                               f"hidden_size={self.hidden_size}")
+        if self.model_type not in MODEL_TYPES:
+            raise LmforgeError(f"model config: model_type={self.model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+        if self.head_dim is None:  # the usual case: heads split the width
+            if self.hidden_size % self.num_attention_heads:
+                raise LmforgeError(f"model config: num_attention_heads={self.num_attention_heads} does not divide "
+                                   f"hidden_size={self.hidden_size}")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise LmforgeError(f"model config: head_dim={self.head_dim!r} must be a positive integer")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise LmforgeError(f"model config: sliding_window={self.sliding_window!r} must be a positive integer "
+                               "or null")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise LmforgeError(f"model config: rope_scaling type {rope_type!r} is not supported (supported: "
+                               f"{', '.join(ROPE_TYPES)})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LmforgeError(f"model config: num_key_value_heads={self.num_key_value_heads} does not divide "
                                f"num_attention_heads={self.num_attention_heads}")
@@ -88,7 +116,10 @@ class ModelConfig:
             raise LmforgeError(f"model config: head_dim={self.head_dim} must be even for rotary positions")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.head_dim is not None and self.head_dim * self.num_attention_heads == self.hidden_size:
+            del d["head_dim"]  # implied; leaving it out keeps "heads must divide the width" checkable
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -115,9 +146,22 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(head_dim: int, max_len: int, theta: float,
+                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of the angle p * theta^(-2i/Hd) for position p and pair i: (max_len, Hd/2) each."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "linear":  # positions interpolated: p / factor (Chen et al. 2023)
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: slow frequencies (wavelength beyond the original context / low_freq_factor) are
+        # divided by factor, fast ones (below context / high_freq_factor) kept, and those between
+        # blended linearly in context / wavelength (Meta's reference `apply_scaling`).
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        ratio = context * inv_freq / (2 * math.pi)  # context / wavelength
+        smooth = ((ratio - low) / (high - low)).clamp(0, 1)  # 0: slow, 1: fast
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (max_len, Hd/2)
     return angles.cos().float(), angles.sin().float()
 
@@ -159,18 +203,25 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                       config.head_dim)
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        self.sliding_window = config.sliding_window
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, Hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, Hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if hasattr(self, "q_norm"):  # Qwen3's QK-norm, per head, before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, Hd)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, K, T, Hd)
 
         start = 0
         if kv_cache is not None:
@@ -178,7 +229,13 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, Hd)
         S = k.size(2)
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
-        if start == 0:
+        if self.sliding_window is not None and start + T > self.sliding_window:
+            # Token i (at position start + i) sees keys j with i - window < j <= i.
+            pos = torch.arange(start, start + T, device=x.device).unsqueeze(1)  # (T, 1)
+            key_pos = torch.arange(S, device=x.device)  # (S,)
+            mask = (key_pos <= pos) & (key_pos > pos - self.sliding_window)  # (T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        elif start == 0:
             # Plain causal attention over the T new tokens (training, or the first prefill).
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         elif T == 1:
@@ -195,9 +252,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -229,9 +286,19 @@ class Transformer(nn.Module):
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Tie the head and compute the rotary tables: what the state dict does not carry. The
+        loader builds the model on the meta device, assigns the loaded tensors, then calls this."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        c = self.config
+        device = self.model.embed_tokens.weight.device
+        with torch.device("cpu"):  # on the meta device these few numbers would pull in its whole op library
+            cos, sin = rotary_tables(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
+        if device.type != "meta":
+            cos, sin = cos.to(device), sin.to(device)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, Hd/2)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -242,8 +309,8 @@ class Transformer(nn.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         std = 0.02
         for name, p in self.named_parameters():
-            if p.ndim == 1:  # norm gains
-                p.fill_(1.0)
+            if p.ndim == 1:  # norm gains start at 1, biases at 0
+                p.fill_(0.0 if name.endswith(".bias") else 1.0)
                 continue
             s = std / math.sqrt(2 * self.config.num_hidden_layers) if name.endswith(("o_proj.weight",
                                                                                     "down_proj.weight")) else std

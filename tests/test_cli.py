@@ -77,10 +77,15 @@ def test_prompt_longer_than_context(model_folder, capsys):
 
 def test_corrupt_checkpoint(model_folder, capsys):
     weights = model_folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-7])
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x55  # same size, one byte changed
+    weights.write_bytes(bytes(data))
     one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x"], "sha256 does not match")
+    weights.write_bytes(bytes(data[:-7]))
+    one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x"], "truncated")
     (model_folder / "manifest.json").unlink()
-    one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x"], "unreadable safetensors")
+    weights.write_bytes(b"PK\x03\x04 a zip file, say")
+    one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x"], "not a safetensors file")
 
 
 def test_mismatched_checkpoint(model_folder, capsys):
