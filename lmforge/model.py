@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.ops import linear_cross_entropy, rotary
+from lmforge.ops import lm_head_output, rotary
 
 ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -288,6 +288,11 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.init_buffers()
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers, under one name for every model file (checkpointing, hooks)."""
+        return self.model.layers
+
     def init_buffers(self) -> None:
         """Tie the head and compute the rotary tables: what the state dict does not carry. The
         loader builds the model on the meta device, assigns the loaded tensors, then calls this."""
@@ -333,15 +338,7 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.model.norm(x)
-        if targets is not None and loss_reduction == "mean":
-            # The training path: head matmul and loss fused in chunks, the (B, T, V) logits never stored.
-            return linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
-        logits = self.lm_head(x)  # (B, T, V)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
-                               reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+        return lm_head_output(x, self.lm_head, targets, loss_reduction)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once)."""

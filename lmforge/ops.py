@@ -65,6 +65,22 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
 
 
+def lm_head_output(x: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor | None,
+                   loss_reduction: str) -> torch.Tensor:
+    """The end of every model's forward: x (B, T, D) -> logits (B, T, V), or with targets (B, T) the
+    cross-entropy (targets < 0 ignored): the mean through the fused path above (training, where the
+    logits are never stored), 'none' as (B, T) per-token losses in nats."""
+    B, T, _ = x.shape
+    if targets is not None and loss_reduction == "mean":
+        return linear_cross_entropy(x.reshape(B * T, -1), head.weight, targets.reshape(B * T))
+    logits = head(x)  # (B, T, V)
+    if targets is None:
+        return logits
+    loss = torch.nn.functional.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T),
+                                             ignore_index=-1, reduction=loss_reduction)
+    return loss.view(B, T) if loss_reduction == "none" else loss
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
     # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for sign 1; sign -1 turns the other way.
     half = x.size(-1) // 2

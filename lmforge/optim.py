@@ -60,10 +60,13 @@ def build_optimizers(model: torch.nn.Module, *, name: str, lr: float, matrix_lr:
     """'adamw': one AdamW, decay on matrices only. 'muon': Muon on the hidden matrices,
     AdamW (no decay) on the embedding/head and norm gains. Each group remembers its base lr."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    hidden = [p for n, p in named if p.ndim == 2 and ".layers." in n]
-    embedding = [p for n, p in named if "embed_tokens" in n]
-    head = [p for n, p in named if "lm_head" in n]  # empty when tied to the embedding
-    gains = [p for n, p in named if p.ndim < 2]
+    # By role, not by name, so every model file (model.py, gpt2.py) is grouped the same way.
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}  # tokens, positions
+    embedding = [p for n, p in named if id(p) in tables]
+    head = [p for n, p in named if n.startswith("lm_head") and id(p) not in tables]  # empty when tied
+    gains = [p for n, p in named if p.ndim < 2]  # norm gains and biases
+    hidden = [p for n, p in named if p.ndim >= 2 and id(p) not in tables and not n.startswith("lm_head")]
+    assert len(embedding) + len(head) + len(gains) + len(hidden) == len(named), "a parameter has no optimizer"
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if name == "adamw":
         # An untied lm_head is a matrix like the rest (decayed); the input embedding is not.

@@ -93,7 +93,7 @@ class TrainConfig:
 def enable_activation_checkpointing(model: Transformer) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of storing them.
     Swaps the layers' forward from outside, so parameter names and the model file are untouched."""
-    for layer in model.model.layers:
+    for layer in model.blocks:
         forward = layer.forward
         layer.forward = lambda *args, _f=forward: activation_checkpoint(_f, *args, use_reentrant=False)
 

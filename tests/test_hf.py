@@ -37,6 +37,7 @@ FAMILIES = {
     "mistral": dict(model_type="mistral", sliding_window=8, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False),  # 4 x 32 != 64
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128),
 }
 
 
