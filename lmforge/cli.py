@@ -164,17 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_tokenizer(args):
     from lmforge.checkpoint import resolve_model_folder
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer import load_tokenizer
 
     if getattr(args, "tokenizer", None):
-        return Tokenizer.load(args.tokenizer)
+        return load_tokenizer(args.tokenizer)
     if args.run or args.model:
-        return Tokenizer.load(resolve_model_folder(args.run, args.model)[1])
+        return load_tokenizer(resolve_model_folder(args.run, args.model)[1])
     runs = sorted(Path("runs").glob("*/tokenizer.json"), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise LmforgeError("no tokenizer given and none under runs/; pass --run, --model or --tokenizer, "
                            "or train one with `lmforge tokenizer train`")
-    return Tokenizer.load(runs[-1])
+    return load_tokenizer(runs[-1])
 
 
 def _read_text(value: str) -> str:
@@ -242,16 +242,17 @@ def cmd_generate(args) -> None:
     from lmforge.checkpoint import load_model, resolve_model_folder
     from lmforge.common import get_device, resolve_dtype
     from lmforge.generate import generate, stream_text
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer import load_tokenizer
 
     folder, tok_path = resolve_model_folder(args.run, args.model)
-    tokenizer = Tokenizer.load(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     device = get_device(args.device)
     model = load_model(folder, device)
     prompt = _read_text(args.prompt)
+    stop_ids = {i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None}  # imported ones may lack either
     ids = generate(model, tokenizer.encode(prompt), max_tokens=args.max_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids={tokenizer.bos_id, tokenizer.eos_id},
-                   device=device, dtype=resolve_dtype("auto", device))
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop_ids,
+                   device=device, dtype=resolve_dtype("auto", device), num_tokens=tokenizer.vocab_size)
     sys.stdout.write(prompt)
     for piece in stream_text(tokenizer, ids, stop=args.stop):
         sys.stdout.write(piece)
@@ -278,7 +279,7 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from lmforge.checkpoint import resolve_model_folder
 
-    folder, _ = resolve_model_folder(args.run, args.model)
+    folder, tok_path = resolve_model_folder(args.run, args.model)
     if args.format == "hf":
         from lmforge.hf import export_hf
 
@@ -287,7 +288,7 @@ def cmd_export(args) -> None:
     else:
         from lmforge.export_gguf import export_gguf
 
-        out = export_gguf(folder, args.out, dtype=args.dtype)
+        out = export_gguf(folder, args.out, dtype=args.dtype, tokenizer=tok_path)
         print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
 
 

@@ -67,13 +67,15 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
 def generate(model: Transformer, prompt_ids: list[int], *, max_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_ids: Collection[int] = (), device: torch.device | str | None = None,
-             dtype: torch.dtype = torch.float32) -> Iterator[int]:
+             dtype: torch.dtype = torch.float32, num_tokens: int | None = None) -> Iterator[int]:
     """Yield up to max_tokens new token ids after prompt_ids, one at a time, for streaming.
 
     Generation ends after max_tokens, at a token in stop_ids (which is not yielded), or when the
     prompt plus the output fill the model's context. The same seed gives the same tokens; the
     sampler draws from its own torch.Generator, so the global RNG is left alone.
-    `device` defaults to the model's; `dtype` is the autocast compute precision.
+    `device` defaults to the model's; `dtype` is the autocast compute precision. `num_tokens`, the
+    tokenizer's size where it is smaller than the model's embedding table (imported checkpoints pad
+    the table to a round number), keeps the sampler to ids the tokenizer can write out.
 
     The arguments are checked here, at the call, so a mistake surfaces before the first token.
     """
@@ -90,14 +92,17 @@ def generate(model: Transformer, prompt_ids: list[int], *, max_tokens: int, temp
     if max_tokens < 0:
         raise LmforgeError(f"--max-tokens {max_tokens}: must be >= 0")
     check_sampling(temperature, top_k, top_p)
+    if num_tokens is not None and not 0 < num_tokens <= model.config.vocab_size:
+        raise LmforgeError(f"the tokenizer has {num_tokens} tokens but the model's vocabulary is "
+                           f"{model.config.vocab_size}; check that the tokenizer belongs to this model")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     return _decode(model, list(prompt_ids), max_tokens, temperature, top_k, top_p, seed, set(stop_ids),
-                   device, dtype)
+                   device, dtype, num_tokens)
 
 
 def _decode(model: Transformer, prompt_ids: list[int], max_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, seed: int | None, stop_ids: set[int],
-            device: torch.device, dtype: torch.dtype) -> Iterator[int]:
+            device: torch.device, dtype: torch.dtype, num_tokens: int | None) -> Iterator[int]:
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()  # fresh entropy, without touching the global RNG
@@ -114,7 +119,7 @@ def _decode(model: Transformer, prompt_ids: list[int], max_tokens: int, temperat
         # The modes are entered per step, never held across a `yield`: they are thread-wide, and
         # would otherwise leak into the caller's code while it consumes the stream.
         with torch.inference_mode(), autocast(device, dtype):
-            logits = model(ids, kv_cache=cache)[:, -1]  # (1, V)
+            logits = model(ids, kv_cache=cache)[:, -1, :num_tokens]  # (1, V), or the tokenizer's part of it
             return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                generator=generator).item()
 

@@ -42,11 +42,13 @@ from lmforge.checkpoint import (
     verify_manifest,
 )
 from lmforge.common import LmforgeError
+from lmforge.tokenizer import load_tokenizer
 from lmforge.weights import DTYPES, read_header, write_tensors
 
 # Files besides config and weights that travel with a model unchanged (tokenizer, chat template,
 # sampling defaults).
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "generation_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # GPT-2 keeps these causal-mask buffers in older checkpoints; SDPA needs neither.
 _GPT2_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -230,6 +232,10 @@ def import_hf(source: str | Path, out: str | Path, *, dtype: torch.dtype | None 
     except ValueError as e:
         raise LmforgeError(f"{source / CONFIG_FILE}: not valid JSON ({e})") from None
     config = config_from_hf(raw, str(source / CONFIG_FILE))
+    tokenizer = load_tokenizer(source)  # read now, so a broken tokenizer fails before any weights are copied
+    if tokenizer.vocab_size > config.vocab_size:
+        raise LmforgeError(f"{source}: tokenizer.json has {tokenizer.vocab_size:,} tokens but config.json's "
+                           f"vocab_size is {config.vocab_size:,}; the embedding table has no row for the rest")
     tensors = _SourceTensors(_weight_sources(source, allow_pickle))
     names = _source_names(config, list(tensors.where))
 
@@ -287,7 +293,6 @@ def _model_card(config, config_json: dict, folder: Path, run_dir: Path | None) -
 
 def export_hf(folder: str | Path, out: str | Path, *, run_dir: str | Path | None = None) -> Path:
     """Write `out` as a folder `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load as is."""
-    from lmforge.tokenizer import load_tokenizer
 
     folder, out = Path(folder), Path(out)
     verify_manifest(folder)

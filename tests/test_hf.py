@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lmforge.checkpoint import load_model, save_model_folder
 from lmforge.common import LmforgeError
 from lmforge.generate import generate
-from lmforge.hf import config_from_hf, import_hf
+from lmforge.hf import config_from_hf, export_hf, import_hf
 from lmforge.model import ModelConfig, Transformer
 from lmforge.weights import iter_tensors
 
@@ -71,11 +71,11 @@ def hf_model_folder(tmp_path, family: str, dtype=torch.float32, **save_kwargs):
     return folder, model
 
 
-def greedy_hf(model, prompt: list[int], num_tokens: int) -> list[int]:
+def greedy_hf(model, prompt: list[int], num_tokens: int, vocab: int | None = None) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():
         for _ in range(num_tokens):
-            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            ids = torch.cat([ids, model(ids).logits[:, -1, :vocab].argmax(-1, keepdim=True)], dim=1)
     return ids[0, len(prompt):].tolist()
 
 
@@ -174,6 +174,37 @@ def test_import_verifies_its_manifest_on_load(tmp_path):
         load_model(out)
 
 
+def test_lmforge_model_round_trips_through_transformers(tmp_path, small_data):
+    from lmforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(small_data / "tokenizer.json")
+    config = ModelConfig.from_depth(2, tokenizer.vocab_size, 64, aspect_ratio=32, head_dim=16, kv_group=2)
+    model = Transformer(config).eval()
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = save_model_folder(tmp_path / "model", model, tokenizer, extra={"step": 7, "val_bpb": 2.5})
+    out = export_hf(folder, tmp_path / "hf")
+    from transformers import AutoTokenizer
+
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    text = "def fib(n):\n    return n  # ünïcode ✓"
+    ids = tokenizer.encode(text)
+    assert hf_tok(text, add_special_tokens=False).input_ids == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (model(x) - theirs(x).logits).abs().max() <= 1e-4
+    assert list(generate(model, ids, max_tokens=32, temperature=0)) == greedy_hf(theirs, ids, 32)
+    assert "val_bpb" in (out / "README.md").read_text()
+    # ... and back: the import of the export holds the original tensors, bit for bit
+    back = load_model(import_hf(out, tmp_path / "back"))
+    original = model.state_dict()
+    for name, tensor in back.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
 def test_loading_costs_about_the_checkpoint_size_in_memory(tmp_path):
     # 8192 x 1024 bf16 embedding + head and a few layers: ~60 MB; peak RSS while loading is measured
     # in a fresh process from the point just before load_model (VmHWM reset through clear_refs).
@@ -203,3 +234,42 @@ print(status("VmHWM:") - before, next(model.parameters()).dtype)
     extra_bytes, dtype = int(out[0]), out[1]
     assert dtype == "torch.bfloat16"
     assert extra_bytes <= 1.2 * size, f"loading {size / 1e6:.0f} MB took {extra_bytes / 1e6:.0f} MB"
+
+
+def test_cli_imports_generates_and_exports(tmp_path, capsys):
+    from lmforge.cli import main
+
+    folder, theirs = hf_model_folder(tmp_path, "gpt2")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    model_dir = tmp_path / "imported"
+    assert main(["import", str(folder), "--out", str(model_dir)]) == 0
+    assert (model_dir / "chat_template.jinja").exists()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--prompt", "def fib(", "--max-tokens", "6",
+                 "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    from lmforge.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    prompt = tokenizer.encode("def fib(")
+    assert tokenizer.vocab_size < VOCAB  # the embedding table has rows no token owns: never sampled
+    expected = greedy_hf(theirs, prompt, 6, vocab=tokenizer.vocab_size)
+    eos = expected.index(tokenizer.eos_id) if tokenizer.eos_id in expected else len(expected)
+    assert text == "def fib(" + tokenizer.decode(expected[:eos]) + "\n"
+
+    assert main(["export", "--model", str(model_dir), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "hf-again")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf-again") is not None
+    capsys.readouterr()
+
+    # a folder that is no model, and a tokenizer the embedding table cannot hold: one line each
+    assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "vocab_size": 100}))
+    assert main(["import", str(folder), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json's vocab_size is 100" in err
+    assert "\n" not in err
+    assert not (tmp_path / "y").exists()
