@@ -119,6 +119,8 @@ def _add_eval_args(sub) -> None:
                                    "bytes compressed by xz -9 and zlib -9.")
     _add_model_source(p)
     p.add_argument("--data", help="token-shard folder with val shards (default: RUN/data)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per scored window (default: the model's context, at most 2048)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
 
@@ -270,8 +272,11 @@ def cmd_eval(args) -> None:
         raise LmforgeError("--model needs --data SHARD_FOLDER with a held-out split to evaluate on")
     device = get_device(args.device)
     model = load_model(folder, device)
-    result = evaluate_heldout(model, args.data or Path(args.run) / "data",
-                              seq_len=model.config.max_position_embeddings, batch_size=args.batch_size,
+    context = model.config.max_position_embeddings
+    seq_len = args.seq_len or min(context, 2048)  # imported models may declare 128k positions
+    if not 0 < seq_len <= context:
+        raise LmforgeError(f"--seq-len {seq_len} is outside the model's context of {context} tokens")
+    result = evaluate_heldout(model, args.data or Path(args.run) / "data", seq_len=seq_len, batch_size=args.batch_size,
                               device=device, dtype=resolve_dtype("auto", device))
     print(json.dumps(result, indent=2))
 

@@ -46,6 +46,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
 
     assert main(["eval", "--run", str(run)]) == 0
     assert json.loads(capsys.readouterr().out)["bpb"] == pytest.approx(final["bpb"], rel=1e-4)
+    one_line_error(capsys, ["eval", "--run", str(run), "--seq-len", "100000"], "outside the model's context")
 
 
 def test_missing_and_empty_corpus(tmp_path, capsys):

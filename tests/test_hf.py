@@ -108,6 +108,22 @@ def test_bf16_and_fp16_checkpoints_load_in_their_precision(tmp_path):
         assert len(list(generate(model, ids[0].tolist(), max_tokens=4, temperature=0))) == 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_run_on_cuda_like_transformers(tmp_path, family, dtype):
+    folder, theirs = hf_model_folder(tmp_path, family, dtype=dtype)
+    ours = load_model(import_hf(folder, tmp_path / "imported"), device="cuda").eval()
+    theirs = theirs.cuda().eval()
+    assert {(p.dtype, p.device.type) for p in ours.parameters()} == {(dtype, "cuda")}
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        logits, expected = ours(ids), theirs(ids).logits
+    assert logits.dtype == dtype
+    assert (logits.float() - expected.float()).abs().max() < 0.1  # same weights, kernels round differently
+    assert len(list(generate(ours, ids[0, :4].tolist(), max_tokens=8, temperature=0))) == 8
+
+
 def test_sharded_checkpoint_imports_like_a_single_file(tmp_path):
     single, _ = hf_model_folder(tmp_path / "a", "llama3")
     sharded, _ = hf_model_folder(tmp_path / "b", "llama3", max_shard_size="40KB")
