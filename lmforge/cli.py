@@ -125,6 +125,29 @@ def _add_eval_args(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_serve_args(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible API server (completions, chat, embeddings, streaming)",
+                       description="Serve a model over HTTP with OpenAI's API: the openai client, LangChain and "
+                                   "evaluation harnesses work unchanged. Every route but /health needs an API key "
+                                   "(`lmforge keys create`; LMFORGE_ADMIN_KEY sets an admin key) unless --no-auth.")
+    _add_model_source(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
+    p.add_argument("--workers", type=int, default=1, help="engine workers behind the router (one per GPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="compute precision")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per worker")
+    p.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk)")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size per worker, in GiB")
+    p.add_argument("--max-pending", type=int, default=256, help="requests in flight per worker before 503s")
+    p.add_argument("--db", default=None, help="key store and usage ledger: SQLAlchemy URL (default: LMFORGE_DB or "
+                                              "SQLite under ~/.lmforge); postgresql+psycopg://... for replicas")
+    p.add_argument("--redis", default=None, help="redis://host:port/db for rate limits shared by replicas "
+                                                 "(default: per process)")
+    p.add_argument("--no-auth", action="store_true", help="serve without API keys (local experiments only)")
+
+
 def _add_export_args(sub) -> None:
     p = sub.add_parser("export", help="write a model for Hugging Face transformers (hf) or llama.cpp (gguf)",
                        description="--format hf writes a folder AutoModelForCausalLM and AutoTokenizer load as "
@@ -153,11 +176,47 @@ def _add_import_args(sub) -> None:
                         "weights_only=True). Pickles can carry code: use only for sources you trust")
 
 
+def _add_db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="URL", help="key store: SQLAlchemy URL (default: LMFORGE_DB, else SQLite under "
+                                               "~/.lmforge); postgresql+psycopg://user@host:5432/dbname for replicas")
+
+
+def _add_keys_args(sub) -> None:
+    p = sub.add_parser("keys", help="create, list or revoke the server's API keys",
+                       description="API keys for `lmforge serve`. The database keeps only a salted hash of each "
+                                   "key, so a key is shown once, when it is created.")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke}")
+    c = ksub.add_parser("create", help="make a key and print it (once)")
+    c.add_argument("--name", required=True, help="a name for the key, unique among live keys (e.g. team-a)")
+    c.add_argument("--models", help="comma-separated models the key may use (default: every served model)")
+    c.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
+    c.add_argument("--tpm", type=int, help="prompt + completion tokens per minute (default: unlimited)")
+    c.add_argument("--budget", type=int, metavar="TOKENS", help="prompt + completion tokens over the key's life")
+    c.add_argument("--admin", action="store_true", help="may manage keys and read usage over the API")
+    _add_db_arg(c)
+    ls = ksub.add_parser("list", help="list keys: names, limits, tokens used (never the secrets)")
+    ls.add_argument("--all", action="store_true", help="include revoked keys")
+    _add_db_arg(ls)
+    r = ksub.add_parser("revoke", help="revoke a key by name; it stops working at its next request")
+    r.add_argument("name", help="the key's name (see `lmforge keys list`)")
+    _add_db_arg(r)
+
+
+def _add_usage_args(sub) -> None:
+    p = sub.add_parser("usage", help="requests and tokens per key (or per day) from the server's usage ledger",
+                       description="Requests, input (prompt) tokens, completion tokens and cached prompt tokens, "
+                                   "from the usage ledger the server writes.")
+    p.add_argument("--by", choices=("key", "day", "model"), default="key",
+                   help="one row per key (default), per day and key, or per key and model")
+    p.add_argument("--since", metavar="YYYY-MM-DD", help="only usage on or after this day (UTC)")
+    _add_db_arg(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Make, run and understand language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args, _add_eval_args,
-                _add_export_args, _add_import_args):
+                _add_serve_args, _add_export_args, _add_import_args, _add_keys_args, _add_usage_args):
         add(sub)
     return parser
 
@@ -281,6 +340,21 @@ def cmd_eval(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_serve(args) -> None:
+    from lmforge.checkpoint import resolve_model_folder
+    from lmforge.serve import build_served, run_server
+
+    folder, tok_path = resolve_model_folder(args.run, args.model)
+    served = build_served(folder, tok_path, name=args.served_model_name, workers=args.workers, device=args.device,
+                          dtype=args.dtype, db=args.db, redis=args.redis, auth=not args.no_auth,
+                          max_pending=args.max_pending, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_batched_tokens,
+                          kv_cache_bytes=int(args.kv_cache_gb * 2**30))
+    print(f"serving {served.model_name!r} at http://{args.host}:{args.port}/v1"
+          + ("" if served.keys is not None else " WITHOUT API keys (--no-auth)"), flush=True)
+    run_server(served, args.host, args.port)
+
+
 def cmd_export(args) -> None:
     from lmforge.checkpoint import resolve_model_folder
 
@@ -306,8 +380,73 @@ def cmd_import(args) -> None:
     print(f"wrote {out}; use it with --model {out} (generate, eval, export)")
 
 
+def _print_table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -> None:
+    """Columns padded to their widest cell; the columns in `right` (numbers) right-aligned."""
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              .rstrip())
+
+
+def cmd_keys(args) -> None:
+    from lmforge.auth import KeyStore
+
+    store = KeyStore(args.db)
+    if args.keys_command == "create":
+        models = None if args.models is None else args.models.split(",")
+        plaintext, record = store.create_key(args.name, models=models, rpm=args.rpm, tpm=args.tpm,
+                                             token_budget=args.budget, admin=args.admin)
+        print(plaintext)  # alone on stdout, so KEY=$(lmforge keys create ...) works; the note goes to stderr
+        limits = [f"{v:,} {unit}" for v, unit in ((record.rpm, "requests/min"), (record.tpm, "tokens/min"),
+                                                  (record.token_budget, "tokens in all")) if v is not None]
+        print(f"created key {record.name!r} (id {record.id}{', admin' if record.admin else ''}): models "
+              f"{', '.join(record.models) if record.models else 'all'}; {', '.join(limits) or 'no limits'}.\n"
+              "Store it now: it will not be shown again (the database keeps only a salted hash).", file=sys.stderr)
+    elif args.keys_command == "list":
+        records = store.list_keys(include_revoked=args.all)
+        if not records:
+            print("no keys; make one with `lmforge keys create --name NAME`")
+            return
+        rows = [[r.name, r.prefix, ",".join(r.models) if r.models else "all",
+                 *("-" if v is None else f"{v:,}" for v in (r.rpm, r.tpm, r.token_budget)),
+                 f"{store.tokens_used(r.id):,}", "yes" if r.admin else "", f"{r.created_at:%Y-%m-%d %H:%M}",
+                 f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked else ""] for r in records]
+        _print_table(["NAME", "KEY", "MODELS", "RPM", "TPM", "BUDGET", "USED", "ADMIN", "CREATED (UTC)", "REVOKED"],
+                     rows, right={3, 4, 5, 6})
+    else:
+        record = store.revoke(args.name)
+        print(f"revoked key {record.name!r} ({record.prefix})")
+
+
+def cmd_usage(args) -> None:
+    from datetime import date
+
+    from lmforge.auth import KeyStore
+
+    since = None
+    if args.since:
+        try:
+            since = date.fromisoformat(args.since)
+        except ValueError:
+            raise LmforgeError(f"--since {args.since!r} is not a date; write it as YYYY-MM-DD") from None
+    rows = KeyStore(args.db).usage(by=args.by, since=since)
+    if not rows:
+        print("no usage recorded" + (f" since {since}" if since else ""))
+        return
+    counts = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens")
+    labels = {"key": ["KEY"], "day": ["DAY", "KEY"], "model": ["KEY", "MODEL"]}[args.by]
+    fields_of = {"key": ["name"], "day": ["day", "name"], "model": ["name", "model"]}[args.by]
+    table = [[r[f] for f in fields_of] + [f"{r[c]:,}" for c in counts] for r in rows]
+    table.append(["total"] + [""] * (len(labels) - 1) + [f"{sum(r[c] for r in rows):,}" for c in counts])
+    _print_table(labels + ["REQUESTS", "INPUT TOKENS", "COMPLETION TOKENS", "CACHED TOKENS"], table,
+                 right=set(range(len(labels), len(labels) + len(counts))))
+
+
 COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate,
-            "eval": cmd_eval, "export": cmd_export, "import": cmd_import}
+            "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
+            "serve": cmd_serve,
+            "keys": cmd_keys, "usage": cmd_usage}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Text generation from a `Transformer`: a sampler, a KV-cached decode loop, and streaming text.
 
+    filter_logits(logits, ...)   temperature, top-k, top-p, min-p cuts, settings per row (engine's too)
     sample_next(logits)          one next token per row: greedy, temperature, top-k, top-p
     generate(model, prompt_ids)  prefill the prompt once, then decode one token per step, yielding ids
     stream_text(tok, ids)        those ids as printable text pieces, cut at a stop string
@@ -21,10 +22,9 @@ import torch
 from lmforge.common import LmforgeError, autocast
 from lmforge.model import KVCache, Transformer
 
-# top-p compares a running sum of probabilities with p. Rounding can leave the sum of tokens whose
-# true mass is exactly p a hair below it (0.5 + 0.3 -> 0.79999995 in fp32), which would let one
-# more token into the nucleus; mass within this much of p counts as reaching it.
-_TOP_P_SLACK = 1e-6
+# top-p compares a running sum of probabilities with p; rounding can leave tokens whose true mass
+# reaches exactly p a hair short (0.5 + 0.3 -> 0.79999995 in fp32). Mass this close counts as reaching p.
+TOP_P_SLACK = 1e-6
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -35,6 +35,30 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise LmforgeError(f"--top-k {top_k}: must be at least 1, or left unset to keep every token")
     if top_p is not None and not 0 < top_p <= 1:
         raise LmforgeError(f"--top-p {top_p}: must be in (0, 1], e.g. 0.9; 1 keeps every token")
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p per row: (B, V) fp32 logits with cut tokens at -inf.
+
+    temperature (B,) > 0; top_k (B,) int, V for no cut; top_p (B,) in (0, 1]; min_p (B,) in [0, 1].
+    """
+    logits = logits.float() / temperature[:, None]  # fp32: bf16 logits have too few bits for the tail
+    V = logits.size(1)
+    if (top_k < V).any():
+        sorted_desc = logits.sort(dim=-1, descending=True).values
+        kth = sorted_desc.gather(1, (top_k.clamp(1, V) - 1)[:, None])  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if (top_p < 1).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        outside = mass_before >= (top_p - TOP_P_SLACK)[:, None]  # the top token (mass_before 0) always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    if (min_p > 0).any():
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
@@ -48,19 +72,15 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # fp32: bf16 logits have too few bits for the tail's softmax
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th are kept
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
-        # A token is in the nucleus while the tokens above it have not yet reached p; the top
-        # token has mass_before 0 < p, so at least one always stays.
-        outside = mass_before >= top_p - _TOP_P_SLACK
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    probs = logits.softmax(dim=-1)  # (B, V); the cut tokens have probability exactly 0
+    B, V = logits.shape
+
+    def per_row(value):
+        return torch.full((B,), value, device=logits.device)
+
+    # The per-row filters the inference engine uses, with one setting for every row.
+    cut = filter_logits(logits, per_row(temperature), per_row(min(top_k or V, V)), per_row(top_p or 1.0),
+                        per_row(0.0))
+    probs = cut.softmax(dim=-1)  # (B, V); the cut tokens have probability exactly 0
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -119,7 +139,8 @@ def _decode(model: Transformer, prompt_ids: list[int], max_tokens: int, temperat
         # The modes are entered per step, never held across a `yield`: they are thread-wide, and
         # would otherwise leak into the caller's code while it consumes the stream.
         with torch.inference_mode(), autocast(device, dtype):
-            logits = model(ids, kv_cache=cache)[:, -1, :num_tokens]  # (1, V), or the tokenizer's part of it
+            last = torch.tensor([ids.size(1) - 1], device=device)  # only the last position's logits
+            logits = model(ids, kv_cache=cache, logits_at=last)[:, -1, :num_tokens]  # (1, V) or fewer
             return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                generator=generator).item()
 

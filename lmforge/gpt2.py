@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
-from lmforge.model import KVCache
+from lmforge.model import KVCache, causal_attention
 from lmforge.ops import lm_head_output
 
 # Hugging Face's activation_function names. "gelu_new" (GPT-2's own) and its aliases are GELU's
@@ -170,20 +170,10 @@ class Attention(nn.Module):
         q, k, v = self.c_attn(x).split(D, dim=2)  # (B, T, D) each
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Hd)
 
-        start = 0
-        if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, S, Hd)
-        if start == 0:
-            # Plain causal attention over the T new tokens (training, or the first prefill).
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        elif T == 1:
-            # One new token attends to everything cached: no mask needed.
-            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if kv_cache is None:
+            y = causal_attention(q, k, v, scale=self.scale)  # (B, H, T, Hd)
         else:
-            # T new tokens after `start` cached ones: token i sees keys 0 .. start + i.
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            y = kv_cache.attend(self.layer_idx, q, k, v, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, H*Hd)
         return self.c_proj(y)
 
@@ -253,23 +243,33 @@ class GPT2(nn.Module):
             p.copy_(torch.randn(p.shape, generator=generator) * s)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean",
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T). Returns logits (B, T, V), or with targets (B, T) the cross-entropy
-        (targets < 0 are ignored; loss_reduction='none' gives (B, T) per-token losses in nats)."""
+        (targets < 0 are ignored; loss_reduction='none' gives (B, T) per-token losses in nats).
+        logits_at (n,) picks the positions whose logits are wanted: (B, n, V) (serving needs a few
+        rows of a long packed batch, and the head is the widest matmul)."""
+        x = self.hidden_states(input_ids, kv_cache)
+        if logits_at is not None:
+            x = x[:, logits_at]
+        return lm_head_output(x, self.lm_head, targets, loss_reduction)
+
+    def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The residual stream after the final norm: (B, T, D) (what the head reads; embeddings)."""
         B, T = input_ids.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.n_positions:
-            raise LmforgeError(f"sequence of {start + T} tokens exceeds the model's context of "
-                               f"{self.config.n_positions}; shorten the prompt or --max-tokens")
-        assert kv_cache is None or start + T <= kv_cache.max_len, "KV cache too small"
-        positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
+        if kv_cache is not None:
+            positions = kv_cache.positions(T)  # (T,): where the new tokens sit in their sequences
+        elif T > self.config.n_positions:
+            raise LmforgeError(f"sequence of {T} tokens exceeds the model's context of "
+                               f"{self.config.n_positions}; shorten it or train a longer context")
+        else:
+            positions = torch.arange(T, device=input_ids.device)  # (T,)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, D)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = self.transformer.ln_f(x)
-        return lm_head_output(x, self.lm_head, targets, loss_reduction)
+        return self.transformer.ln_f(x)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once); exclude_embedding drops the token and position

@@ -172,25 +172,61 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotary(x, cos, sin)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer: (L, B, K, max_len, Hd) each.
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0,
+                     window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of T new queries at positions start .. start+T-1 over keys at 0 .. S-1.
 
-    `pos` counts the tokens already stored; a forward pass with the cache appends T tokens.
+    q (B, H, T, Hd); k, v (B, K, S, Hd) with S = start + T; grouped-query heads when K < H.
+    With a sliding `window`, a query at position p sees keys p - window < j <= p (Mistral).
+    """
+    T, S = q.size(2), k.size(2)
+    gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
+    if window is not None and S > window:
+        pos = torch.arange(start, start + T, device=q.device).unsqueeze(1)  # (T, 1)
+        key_pos = torch.arange(S, device=q.device)  # (S,)
+        mask = (key_pos <= pos) & (key_pos > pos - window)  # (T, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+    if start == 0:  # plain causal attention over the T new tokens (training, or a first prefill)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+    if T == 1:  # one new token attends to everything cached: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)  # token i sees 0 .. start+i
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (L, B, K, max_len, Hd) each, one contiguous
+    sequence per batch row, all rows at the same position (plain generation; generate.py).
+
+    A cache is what a model's forward pass hands each attention layer. Its face, shared with the
+    inference engine's paged cache (engine/model_runner.py), is three calls: `positions(T)` for
+    the T new tokens, `attend(layer, q, k, v, ...)` to store this step's keys/values and attend
+    over everything cached, and `advance(T)` once every layer has run.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, config, batch_size: int, max_len: int, device, dtype):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
         self.max_len = max_len
+        self.context = config.max_position_embeddings
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, K, T, Hd) keys/values; return all (B, K, S, Hd) so far."""
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """Positions of the next num_tokens tokens: (T,) int64."""
+        if self.pos + num_tokens > self.context:
+            raise LmforgeError(f"sequence of {self.pos + num_tokens} tokens exceeds the model's context of "
+                               f"{self.context}; shorten the prompt or --max-tokens")
+        assert self.pos + num_tokens <= self.max_len, "KV cache too small"
+        return torch.arange(self.pos, self.pos + num_tokens, device=self.k.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None, scale: float | None = None) -> torch.Tensor:
+        """Store this step's (B, K, T, Hd) keys/values, attend q (B, H, T, Hd) over all S so far."""
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.pos, window, scale)
 
     def advance(self, num_tokens: int) -> None:
         self.pos += num_tokens
@@ -223,28 +259,10 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, Hd)
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, K, T, Hd)
 
-        start = 0
-        if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, S, Hd)
-        S = k.size(2)
-        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
-        if self.sliding_window is not None and start + T > self.sliding_window:
-            # Token i (at position start + i) sees keys j with i - window < j <= i.
-            pos = torch.arange(start, start + T, device=x.device).unsqueeze(1)  # (T, 1)
-            key_pos = torch.arange(S, device=x.device)  # (S,)
-            mask = (key_pos <= pos) & (key_pos > pos - self.sliding_window)  # (T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
-        elif start == 0:
-            # Plain causal attention over the T new tokens (training, or the first prefill).
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-        elif T == 1:
-            # One new token attends to everything cached: no mask needed.
-            y = F.scaled_dot_product_attention(q, k, v, **gqa)
+        if kv_cache is None:
+            y = causal_attention(q, k, v, window=self.sliding_window)  # (B, H, T, Hd)
         else:
-            # T new tokens after `start` cached ones: token i sees keys 0 .. start + i.
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+            y = kv_cache.attend(self.layer_idx, q, k, v, window=self.sliding_window)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*Hd)
         return self.o_proj(y)
 
@@ -322,23 +340,34 @@ class Transformer(nn.Module):
             p.copy_(torch.randn(p.shape, generator=generator) * s)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean",
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T). Returns logits (B, T, V), or with targets (B, T) the cross-entropy
-        (targets < 0 are ignored; loss_reduction='none' gives (B, T) per-token losses in nats)."""
+        (targets < 0 are ignored; loss_reduction='none' gives (B, T) per-token losses in nats).
+        logits_at (n,) picks the positions whose logits are wanted: (B, n, V) (serving needs a few
+        rows of a long packed batch, and the head is the widest matmul)."""
+        x = self.hidden_states(input_ids, kv_cache)
+        if logits_at is not None:
+            x = x[:, logits_at]
+        return lm_head_output(x, self.lm_head, targets, loss_reduction)
+
+    def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The residual stream after the final norm: (B, T, D) (what the head reads; embeddings)."""
         B, T = input_ids.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.max_position_embeddings:
-            raise LmforgeError(f"sequence of {start + T} tokens exceeds the model's context of "
-                               f"{self.config.max_position_embeddings}; shorten the prompt or --max-tokens")
-        assert kv_cache is None or start + T <= kv_cache.max_len, "KV cache too small"
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if kv_cache is not None:
+            positions = kv_cache.positions(T)  # (T,): where the new tokens sit in their sequences
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, Hd/2) each
+        elif T > self.config.max_position_embeddings:
+            raise LmforgeError(f"sequence of {T} tokens exceeds the model's context of "
+                               f"{self.config.max_position_embeddings}; shorten it or train a longer context")
+        else:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = self.model.norm(x)
-        return lm_head_output(x, self.lm_head, targets, loss_reduction)
+        return self.model.norm(x)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once)."""

@@ -1,0 +1,148 @@
+"""Runs the model on one engine step's packed batch against the paged KV cache.
+
+A step's batch is every scheduled sequence's new tokens laid end to end, as one row: (1, N).
+The model cannot tell: it asks its cache for the tokens' positions and hands each attention layer
+its queries, keys and values (the cache face model.KVCache documents). `PagedKVCache` answers with
+each token's own position, writes the new keys/values into their slots in the block pool, and
+computes attention per sequence:
+
+    decoding sequences (1 new token each)  one batched attention over their cached keys, gathered
+                                            into a padded (Bd, K, S_max, Hd) view with a length mask
+    prefilling sequences (a chunk each)     causal attention of the chunk over its cached prefix
+
+Shape legend: N packed new tokens, Bd decoding sequences, S keys of a sequence, L layers,
+K key/value heads, H query heads, Hd head_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.common import autocast
+from lmforge.engine.sequence import Sequence
+from lmforge.model import causal_attention
+
+
+class PagedKVCache:
+    """Keys and values of every layer in one pool of token slots: (L, num_blocks * block_size, K, Hd)."""
+
+    def __init__(self, config, num_blocks: int, block_size: int, device, dtype):
+        shape = (config.num_hidden_layers, num_blocks * block_size, config.num_key_value_heads, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+        self.window = getattr(config, "sliding_window", None)
+        self.device = device
+
+    @staticmethod
+    def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
+
+    def _slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Slot of each position (any shape) in a sequence with block table `table`."""
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def prepare(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Lay out one step: batch holds (sequence, number of new tokens), in packed order."""
+        dev, positions, slots = self.device, [], []
+        decode, self.prefills = [], []  # decode: (row, sequence); prefills: (first row, end row, start, table)
+        row = 0
+        for seq, n in batch:
+            start = seq.num_computed
+            pos = torch.arange(start, start + n)
+            table = torch.tensor(seq.block_table)
+            positions.append(pos)
+            slots.append(self._slots(table, pos))
+            if n == 1 and start > 0:
+                decode.append((row, start + 1, seq.block_table))
+            else:
+                self.prefills.append((row, row + n, start, table.to(dev)))
+            row += n
+        self.num_tokens = row
+        self._positions = torch.cat(positions).to(dev)  # (N,)
+        self.slot_mapping = torch.cat(slots).to(dev)  # (N,)
+        self.decode_rows = None
+        if decode:
+            rows, lengths, tables = zip(*decode)
+            max_len = max(lengths)
+            width = -(-max_len // self.block_size)
+            padded = torch.zeros(len(decode), width, dtype=torch.long)  # (Bd, blocks); padding is masked
+            for i, t in enumerate(tables):
+                padded[i, :len(t)] = torch.tensor(t[:width])
+            key_pos = torch.arange(max_len)  # (S_max,)
+            lengths = torch.tensor(lengths)
+            mask = key_pos < lengths[:, None]  # (Bd, S_max)
+            if self.window is not None:  # the new token sits at lengths - 1 and sees `window` keys back
+                mask &= key_pos > (lengths[:, None] - 1 - self.window)
+            self.decode_rows = torch.tensor(rows, device=dev)
+            key_pos = key_pos.expand(len(decode), -1)  # (Bd, S_max)
+            blocks = padded.gather(1, key_pos // self.block_size)
+            self.decode_slots = (blocks * self.block_size + key_pos % self.block_size).to(dev)  # (Bd, S_max)
+            self.decode_mask = mask[:, None, None, :].to(dev)  # (Bd, 1, 1, S_max)
+
+    # -- the cache face the model calls (see model.KVCache) --------------------------------------
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        assert num_tokens == self.num_tokens, "the model must run the batch prepare() laid out"
+        return self._positions
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None, scale: float | None = None) -> torch.Tensor:
+        """q (1, H, N, Hd); k, v (1, K, N, Hd) for the packed new tokens. Returns (1, H, N, Hd)."""
+        k_pool, v_pool = self.k[layer], self.v[layer]  # (slots, K, Hd)
+        k_pool.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1).to(k_pool.dtype))
+        v_pool.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1).to(v_pool.dtype))
+        gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
+        y = torch.empty_like(q)
+        if self.decode_rows is not None:
+            rows = self.decode_rows
+            qd = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # (Bd, H, 1, Hd)
+            kd = k_pool[self.decode_slots].transpose(1, 2)  # (Bd, K, S_max, Hd)
+            vd = v_pool[self.decode_slots].transpose(1, 2)
+            yd = F.scaled_dot_product_attention(qd, kd.to(qd.dtype), vd.to(qd.dtype), attn_mask=self.decode_mask,
+                                                scale=scale, **gqa)  # (Bd, H, 1, Hd)
+            y[0, :, rows] = yd[:, :, 0].transpose(0, 1)
+        for first, end, start, table in self.prefills:
+            if start == 0:  # nothing cached before the chunk: its own keys are all there is
+                kp, vp = k[:, :, first:end], v[:, :, first:end]
+            else:
+                key_slots = self._slots(table, torch.arange(start + end - first, device=self.device))  # (S,)
+                kp = k_pool[key_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, K, S, Hd)
+                vp = v_pool[key_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            y[:, :, first:end] = causal_attention(q[:, :, first:end], kp, vp, start, window, scale)
+        return y
+
+    def advance(self, num_tokens: int) -> None:
+        pass  # the scheduler moves each sequence's num_computed once the step is done
+
+
+class ModelRunner:
+    """Owns the model and the KV pool; turns a scheduled batch into logits for the rows asked."""
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.model, self.device, self.dtype = model, device, dtype
+        # Keys/values are stored as attention computes them: in the autocast dtype, or under fp32 in
+        # the weights' own dtype (a bf16 checkpoint run without autocast).
+        cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, device, cache_dtype)
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]], logit_rows: list[int]) -> torch.Tensor:
+        """Compute the batch's new tokens into the cache; return fp32 logits (len(logit_rows), V)."""
+        ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed:seq.num_computed + n]]
+        self.cache.prepare(batch)
+        input_ids = torch.tensor([ids], device=self.device)  # (1, N)
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=self.device)  # may be empty (a mid-prompt chunk)
+        with autocast(self.device, self.dtype):
+            logits = self.model(input_ids, kv_cache=self.cache, logits_at=rows)  # (1, n, V)
+        return logits[0].float()
+
+    @torch.inference_mode()
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """Mean of the final hidden states over the tokens: (D,) fp32, unit length."""
+        with autocast(self.device, self.dtype):
+            hidden = self.model.hidden_states(torch.tensor([ids], device=self.device))  # (1, T, D)
+        return F.normalize(hidden[0].float().mean(0), dim=0)

@@ -1,0 +1,338 @@
+"""The OpenAI-compatible server, live: the official `openai` client, raw HTTP for what clients hide,
+keys and limits, bad input, and a load test that checks the KV cache is whole afterwards."""
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+import uvicorn
+
+from lmforge.auth import KeyStore, MemoryRateLimiter, parse_key
+from lmforge.engine import LLM, SamplingParams
+from lmforge.engine.async_engine import AsyncEngine, Router
+from lmforge.generate import generate
+from lmforge.model import ModelConfig, Transformer
+from lmforge.serve import Served, create_app
+from lmforge.tokenizer import Tokenizer
+
+CONTEXT = 256
+ADMIN = "admin-" + "x" * 40
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\nThe quick brown fox. Ünïcödé ✓\n"
+    return Tokenizer.train([text] * 50, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=CONTEXT)
+    model = Transformer(config)
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p, generator=None))
+    return model.eval()
+
+
+class LiveServer:
+    def __init__(self, served: Served):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.served = served
+        self.server = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=self.port,
+                                                    log_level="info"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str | None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0)
+
+    def post(self, path: str, body: bytes | dict, key: str | None = None) -> tuple[int, dict, dict]:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"content-type": "application/json"}
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url + path, data=raw, headers=headers)
+        try:
+            with urllib.request.urlopen(request) as r:
+                return r.status, dict(r.headers), json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), json.loads(e.read())
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live(model, tokenizer, tmp_path_factory):
+    keys = KeyStore(f"sqlite:///{tmp_path_factory.mktemp('db') / 'keys.db'}")
+    engine = Router([AsyncEngine(LLM(model, tokenizer, max_num_batched_tokens=64), max_pending=128)])
+    server = LiveServer(Served(engine, tokenizer, "tiny", CONTEXT, keys, MemoryRateLimiter(), ADMIN))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def key(live):
+    return live.served.keys.create_key("team-a")[0]
+
+
+def greedy_text(model, tokenizer, prompt_ids, n):
+    return tokenizer.decode(list(generate(model, prompt_ids, max_tokens=n, temperature=0,
+                                          stop_ids={tokenizer.eos_id, tokenizer.bos_id})))
+
+
+# ----------------------------------------------------------------------------- the openai client
+
+def test_completions_match_plain_generation_and_report_usage(live, key, model, tokenizer):
+    client = live.client(key)
+    r = client.completions.create(model="tiny", prompt="def fib(", max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    ids = tokenizer.encode("def fib(")
+    assert r.choices[0].text == greedy_text(model, tokenizer, ids, 12)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == len(ids) + 12
+
+
+def test_completion_logprobs_and_echo_score_the_prompt(live, key, model, tokenizer):
+    text = "def fib(n):\n    return n"
+    ids = tokenizer.encode(text)
+    r = live.client(key).completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == text and len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0].log_softmax(-1)  # (T, V)
+    want = [expected[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    # top_logprobs maps token text to log-probability: tokens whose bytes decode alike share a key
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+
+
+def test_chat_uses_the_template_and_logprobs(live, key, model, tokenizer):
+    r = live.client(key).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    prompt = tokenizer.encode_with_special("<|bos|><|user_start|>hi<|user_end|><|assistant_start|>")
+    assert r.usage.prompt_tokens == len(prompt)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    tokens = [t for t in generate(model, prompt, max_tokens=6, temperature=0)]
+    assert len(choice.logprobs.content) == r.usage.completion_tokens <= len(tokens)
+    assert all(len(c.top_logprobs) == 3 for c in choice.logprobs.content)
+
+
+def test_streaming_chat_ends_with_usage_then_done(live, key):
+    stream = live.client(key).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    # The wire format itself: server-sent events closed by [DONE]
+    request = urllib.request.Request(live.url + "/v1/completions", data=json.dumps(
+        {"model": "tiny", "prompt": "def", "max_tokens": 3, "stream": True}).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request) as r:
+        events = [line for line in r.read().decode().split("\n\n") if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_embeddings_are_unit_vectors_per_input(live, key, model):
+    r = live.client(key).embeddings.create(model="tiny", input=["def fib", "the quick brown fox"])
+    vectors = torch.tensor([d.embedding for d in r.data])
+    assert vectors.shape == (2, model.config.hidden_size)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(vectors[0], vectors[1]) and r.usage.prompt_tokens > 0
+
+
+def test_models_tokenize_detokenize(live, key, tokenizer):
+    assert [m.id for m in live.client(key).models.list()] == ["tiny"]
+    status, _, body = live.post("/tokenize", {"prompt": "def fib"}, key)
+    assert status == 200 and body["tokens"] == tokenizer.encode("def fib")
+    status, _, body = live.post("/detokenize", {"tokens": body["tokens"]}, key)
+    assert body == {"prompt": "def fib"}
+
+
+# ----------------------------------------------------------------------------- keys and limits
+
+def test_missing_and_invalid_keys_are_401(live):
+    with pytest.raises(openai.AuthenticationError):
+        live.client(None).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        live.client("lmf-0000-notakey").models.list()
+    status, _, body = live.post("/v1/completions", {"model": "tiny", "prompt": "x"})
+    assert status == 401 and body["error"]["code"] == "missing_api_key"
+    assert urllib.request.urlopen(live.url + "/health").status == 200  # the one public route
+
+
+def test_key_without_the_model_is_403_and_unknown_model_404(live, key):
+    other = live.served.keys.create_key("only-base", models=["base"])[0]
+    with pytest.raises(openai.PermissionDeniedError):
+        live.client(other).completions.create(model="tiny", prompt="x", max_tokens=1)
+    with pytest.raises(openai.NotFoundError) as e:
+        live.client(key).completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_requests_per_minute_limit_is_429_with_retry_after(live):
+    limited = live.served.keys.create_key("limited", rpm=2)[0]
+    for _ in range(2):
+        live.client(limited).completions.create(model="tiny", prompt="x", max_tokens=1)
+    status, headers, body = live.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, limited)
+    assert status == 429 and int(headers["retry-after"]) >= 1 and body["error"]["code"] == "rate_limit_exceeded"
+    with pytest.raises(openai.RateLimitError):
+        live.client(limited).completions.create(model="tiny", prompt="x", max_tokens=1)
+
+
+def test_token_budget_is_429_once_spent(live):
+    budget = live.served.keys.create_key("budget", token_budget=5)[0]
+    live.client(budget).completions.create(model="tiny", prompt="def fib(n):", max_tokens=4)
+    with pytest.raises(openai.RateLimitError) as e:
+        live.client(budget).completions.create(model="tiny", prompt="x", max_tokens=1)
+    assert e.value.body["code"] == "insufficient_quota"
+
+
+def test_admin_routes_need_an_admin_key_and_manage_keys(live, key):
+    status, _, _ = live.post("/v1/admin/keys", {"name": "nope"}, key)
+    assert status == 403
+    status, _, made = live.post("/v1/admin/keys", {"name": "made-by-api", "rpm": 10}, ADMIN)
+    assert status == 200 and made["key"].startswith("lmf-")
+    assert live.client(made["key"]).completions.create(model="tiny", prompt="x", max_tokens=1).usage.total_tokens
+    request = urllib.request.Request(live.url + "/v1/admin/usage?by=key", headers={"authorization": f"Bearer {ADMIN}"})
+    rows = json.loads(urllib.request.urlopen(request).read())["data"]
+    assert any(r.get("name") == "made-by-api" or r.get("key_id") == made["id"] for r in rows)
+
+
+def test_prefix_cache_is_shared_within_a_key_and_never_across_keys(live, key):
+    prompt = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 3
+    first, again = (live.client(key).completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0)
+                    for _ in range(2))
+    other = live.served.keys.create_key("tenant-b")[0]
+    theirs = live.client(other).completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16
+    assert theirs.usage.prompt_tokens_details.cached_tokens == 0
+    assert first.choices[0].text == again.choices[0].text == theirs.choices[0].text
+
+
+def test_keys_never_reach_the_logs(live):
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    # The server's side: uvicorn's access and error logs (they do not propagate), the app, SQLAlchemy
+    loggers = [logging.getLogger(n) for n in ("uvicorn.access", "uvicorn.error", "lmforge", "sqlalchemy")]
+    handler = Keep(logging.DEBUG)
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        secret = live.served.keys.create_key("logged")[0]
+        live.client(secret).completions.create(model="tiny", prompt="x", max_tokens=1)
+        live.post("/v1/completions", {"model": "tiny", "prompt": "x"}, secret + "tampered")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert any("/v1/completions" in line for line in seen)  # the access log did run
+    assert not any(parse_key(secret)[1] in line for line in seen)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b'{"model": "tiny", "prompt": "\xff\xfe"}', None),  # invalid UTF-8
+    ({"model": "tiny", "prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"model": "tiny", "prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 10_000}, "max_tokens"),
+    ({"model": "tiny", "prompt": ""}, "prompt"),
+    ({"model": "tiny", "prompt": [99999]}, "prompt"),
+    ({"model": "tiny", "prompt": "x", "n": 0}, "n"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x"}, "model"),
+])
+def test_bad_completion_requests_are_400_in_openai_shape(live, key, body, param):
+    status, _, answer = live.post("/v1/completions", body, key)
+    assert status == 400, answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    assert answer["error"]["param"] == param
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "user", "content": ""}], [{"role": "robot", "content": "x"}],
+                                      [{"role": "user"}], "hello"])
+def test_bad_chat_requests_are_400(live, key, messages):
+    status, _, answer = live.post("/v1/chat/completions", {"model": "tiny", "messages": messages}, key)
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error"
+
+
+# ----------------------------------------------------------------------------- under load
+
+async def _stream(port: int, key: str, prompt: str, max_tokens: int, hang_up_after: int | None):
+    """A raw streaming client; returns the parsed events, or None if it hung up on purpose."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                          "ignore_eos": True, "temperature": 0.8, "seed": 1}).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAuthorization: "
+                 b"Bearer %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (key.encode(), len(payload))
+                 + payload)
+    events = []
+    while line := await asyncio.wait_for(reader.readline(), timeout=60):
+        if line.startswith(b"data: "):
+            events.append(line[6:].strip())
+            if hang_up_after is not None and len(events) >= hang_up_after:
+                writer.close()
+                return None
+    writer.close()
+    return events
+
+
+def test_load_with_disconnects_loses_nothing_and_leaks_no_blocks(live, key):
+    engine = live.served.engine.workers[0]
+    start_free = engine.llm.num_free_blocks
+
+    async def run_all():
+        return await asyncio.gather(*(_stream(live.port, key, f"def f{i}(", 24, 3 if i % 4 == 0 else None)
+                                      for i in range(64)))
+
+    results = asyncio.run(run_all())
+    finished = [r for r in results if r is not None]
+    assert len(finished) == 48
+    for events in finished:
+        assert events[-1] == b"[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    for _ in range(100):  # aborts of the hung-up streams land within an engine step or two
+        if engine.num_pending == 0 and engine.llm.num_free_blocks == start_free:
+            break
+        time.sleep(0.05)
+    assert engine.num_pending == 0 and not engine.llm.has_unfinished()
+    assert engine.llm.num_free_blocks == start_free
+
+
+def test_engine_stream_equals_batch_generate(model, tokenizer):
+    llm = LLM(model, tokenizer)
+    expected = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0][0]
+    engine = AsyncEngine(LLM(model, tokenizer))
+
+    async def collect():
+        return [t async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=10, temperature=0,
+                                                                              ignore_eos=True)) for t in out.token_ids]
+
+    assert asyncio.run(collect()) == expected.token_ids
+    asyncio.run(engine.shutdown())
