@@ -815,12 +815,6 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
 
 def run_server(served: Served, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve until interrupted; on SIGINT/SIGTERM stop accepting, let in-flight requests finish, drain."""
-    import sys
-
     import uvicorn
 
-    # The engine's step loop (a thread) and the event loop streaming its tokens share the GIL. With
-    # Python's default 5 ms switch interval, the event loop can wait a whole interval for each token
-    # while the engine runs the model's Python; 0.2 ms hands it over about once per engine step.
-    sys.setswitchinterval(0.0002)
     uvicorn.run(create_app(served), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)

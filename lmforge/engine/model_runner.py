@@ -66,21 +66,24 @@ class PagedKVCache:
         self.decode_rows = None
         if decode:
             rows, lengths, tables = zip(*decode)
-            max_len = max(lengths)
-            width = -(-max_len // self.block_size)
+            width = -(-max(lengths) // self.block_size)
             padded = torch.zeros(len(decode), width, dtype=torch.long)  # (Bd, blocks); padding is masked
             for i, t in enumerate(tables):
                 padded[i, :len(t)] = torch.tensor(t[:width])
-            key_pos = torch.arange(max_len)  # (S_max,)
+            key_pos = torch.arange(width * self.block_size)  # (S_max,), whole blocks
             lengths = torch.tensor(lengths)
             mask = key_pos < lengths[:, None]  # (Bd, S_max)
             if self.window is not None:  # the new token sits at lengths - 1 and sees `window` keys back
                 mask &= key_pos > (lengths[:, None] - 1 - self.window)
             self.decode_rows = torch.tensor(rows, device=dev)
-            key_pos = key_pos.expand(len(decode), -1)  # (Bd, S_max)
-            blocks = padded.gather(1, key_pos // self.block_size)
-            self.decode_slots = (blocks * self.block_size + key_pos % self.block_size).to(dev)  # (Bd, S_max)
+            self.decode_tables = padded.to(dev)
             self.decode_mask = mask[:, None, None, :].to(dev)  # (Bd, 1, 1, S_max)
+
+    def _gather(self, pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Keys or values of whole blocks: pool (slots, K, Hd), tables (B, n) -> (B, K, n * block_size, Hd).
+        Copying block by block moves block_size contiguous rows at a time, not one slot at a time."""
+        blocks = pool.view(-1, self.block_size, *pool.shape[1:])[tables]  # (B, n, block_size, K, Hd)
+        return blocks.flatten(1, 2).transpose(1, 2)
 
     # -- the cache face the model calls (see model.KVCache) --------------------------------------
 
@@ -99,8 +102,8 @@ class PagedKVCache:
         if self.decode_rows is not None:
             rows = self.decode_rows
             qd = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # (Bd, H, 1, Hd)
-            kd = k_pool[self.decode_slots].transpose(1, 2)  # (Bd, K, S_max, Hd)
-            vd = v_pool[self.decode_slots].transpose(1, 2)
+            kd = self._gather(k_pool, self.decode_tables)  # (Bd, K, S_max, Hd)
+            vd = self._gather(v_pool, self.decode_tables)
             yd = F.scaled_dot_product_attention(qd, kd.to(qd.dtype), vd.to(qd.dtype), attn_mask=self.decode_mask,
                                                 scale=scale, **gqa)  # (Bd, H, 1, Hd)
             y[0, :, rows] = yd[:, :, 0].transpose(0, 1)
@@ -108,9 +111,10 @@ class PagedKVCache:
             if start == 0:  # nothing cached before the chunk: its own keys are all there is
                 kp, vp = k[:, :, first:end], v[:, :, first:end]
             else:
-                key_slots = self._slots(table, torch.arange(start + end - first, device=self.device))  # (S,)
-                kp = k_pool[key_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, K, S, Hd)
-                vp = v_pool[key_slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                S = start + end - first
+                used = table[:-(-S // self.block_size)][None]  # (1, blocks holding positions 0 .. S-1)
+                kp = self._gather(k_pool, used)[:, :, :S].to(q.dtype)  # (1, K, S, Hd)
+                vp = self._gather(v_pool, used)[:, :, :S].to(q.dtype)
             y[:, :, first:end] = causal_attention(q[:, :, first:end], kp, vp, start, window, scale)
         return y
 
