@@ -2,9 +2,11 @@
 
 import random
 import sysconfig
+import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from lmforge.corpus import Corpus
 from lmforge.prepare import prepare_data
@@ -33,3 +35,62 @@ def small_data(tmp_path_factory, small_corpus) -> Path:
     out = tmp_path_factory.mktemp("data")
     prepare_data(Corpus(str(small_corpus)), out, vocab_size=320, progress=False)
     return out
+
+
+# ----------------------------------------------------------------------------- PostgreSQL and Redis
+# Tests of the multi-replica paths use the machine's services; where one does not answer they skip.
+
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def pg_answers() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2).close()
+        return True
+    except Exception:
+        return False
+
+
+def redis_answers() -> bool:
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_available() -> bool:
+    return pg_answers()
+
+
+@pytest.fixture()
+def pg_url(pg_available):
+    """A database URL whose search_path is a fresh schema, so tests never see each other's (or real) tables."""
+    if not pg_available:
+        pytest.skip("PostgreSQL does not answer at 127.0.0.1:5432")
+    schema = f"lmforge_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_SERVER)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture()
+def redis_prefix():
+    if not redis_answers():
+        pytest.skip("Redis does not answer at 127.0.0.1:6379")
+    import redis
+
+    prefix = f"lmforge-test:{uuid.uuid4().hex}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}*"):  # also the "-x" prefix one test adds
+        client.delete(key)

@@ -10,13 +10,13 @@ import logging
 import random
 import re
 import threading
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
+from conftest import REDIS_URL, redis_answers
 
 from lmforge.auth import (
     KeyRecord,
@@ -35,50 +35,10 @@ from lmforge.auth import (
 from lmforge.cli import main
 from lmforge.common import LmforgeError
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+# PostgreSQL and Redis fixtures (pg_url, redis_prefix) live in conftest.py, shared with test_serve.py.
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-def _pg_answers() -> bool:
-    try:
-        import psycopg
-
-        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2).close()
-        return True
-    except Exception:
-        return False
-
-
-def _redis_answers() -> bool:
-    try:
-        import redis
-
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
-    except Exception:
-        return False
-
-
-@pytest.fixture(scope="session")
-def pg_available() -> bool:
-    return _pg_answers()
-
-
-@pytest.fixture()
-def pg_url(pg_available):
-    """A database URL whose search_path is a fresh schema, so tests never see each other's (or real) tables."""
-    if not pg_available:
-        pytest.skip("PostgreSQL does not answer at 127.0.0.1:5432")
-    schema = f"lmforge_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_SERVER)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
@@ -92,19 +52,6 @@ def store(db_url):
     s = KeyStore(db_url)
     yield s
     s.close()
-
-
-@pytest.fixture()
-def redis_prefix():
-    if not _redis_answers():
-        pytest.skip("Redis does not answer at 127.0.0.1:6379")
-    import redis
-
-    prefix = f"lmforge-test:{uuid.uuid4().hex}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}*"):  # also the "-x" prefix one test adds
-        client.delete(key)
 
 
 class FakeClock:
@@ -439,7 +386,7 @@ def test_make_rate_limiter():
         make_rate_limiter("http://x")
     with pytest.raises(LmforgeError, match="cannot reach Redis"):
         make_rate_limiter("redis://127.0.0.1:1/0")
-    if _redis_answers():
+    if redis_answers():
         assert isinstance(make_rate_limiter(REDIS_URL, prefix="lmforge-test:unused"), RedisRateLimiter)
 
 

@@ -14,6 +14,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import REDIS_URL
 
 from lmforge.auth import KeyStore, MemoryRateLimiter, parse_key
 from lmforge.engine import LLM, SamplingParams
@@ -336,3 +337,28 @@ def test_engine_stream_equals_batch_generate(model, tokenizer):
 
     assert asyncio.run(collect()) == expected.token_ids
     asyncio.run(engine.shutdown())
+
+
+# ----------------------------------------------------------------------------- two replicas
+
+def test_two_replicas_share_keys_limits_and_ledger(model, tokenizer, pg_url, redis_prefix):
+    """Two servers on one PostgreSQL and one Redis: a key made through one works on the other, a
+    requests/minute limit holds for both together, and the ledger counts every request once."""
+    from lmforge.auth import RedisRateLimiter
+
+    servers = [LiveServer(Served(Router([AsyncEngine(LLM(model, tokenizer))]), tokenizer, "tiny", CONTEXT,
+                                 KeyStore(pg_url), RedisRateLimiter(REDIS_URL, prefix=redis_prefix), ADMIN))
+               for _ in range(2)]
+    try:
+        a, b = servers
+        status, _, made = a.post("/v1/admin/keys", {"name": "shared", "rpm": 5}, ADMIN)
+        assert status == 200
+        codes = [s.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2}, made["key"])[0]
+                 for s in (a, b, a, b, b, a, b)]
+        assert codes == [200] * 5 + [429] * 2  # five per minute across both replicas
+        rows = b.served.keys.usage("key")
+        row = next(r for r in rows if r.get("name") == "shared" or r.get("key_id") == made["id"])
+        assert row["requests"] == 5 and row["completion_tokens"] == 10
+    finally:
+        for s in servers:
+            s.stop()
