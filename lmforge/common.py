@@ -82,6 +82,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def kv_cache_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype keys/values are stored in: the one attention computes them in, i.e. the autocast
+    dtype, or under fp32 the weights' own (a bf16 checkpoint run without autocast). A mismatch
+    breaks attention's matmul."""
+    return dtype if dtype != torch.float32 else next(model.parameters()).dtype
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

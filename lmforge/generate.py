@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterable, Iterator
 
 import torch
 
-from lmforge.common import LmforgeError, autocast
+from lmforge.common import LmforgeError, autocast, kv_cache_dtype
 from lmforge.model import KVCache, Transformer
 
 # top-p compares a running sum of probabilities with p; rounding can leave tokens whose true mass
@@ -35,6 +35,21 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise LmforgeError(f"--top-k {top_k}: must be at least 1, or left unset to keep every token")
     if top_p is not None and not 0 < top_p <= 1:
         raise LmforgeError(f"--top-p {top_p}: must be in (0, 1], e.g. 0.9; 1 keeps every token")
+
+
+def check_prompt(prompt_ids: list[int], config) -> None:
+    """Raise LmforgeError when a prompt cannot be continued: empty, filling the context, or holding
+    ids outside the vocabulary (plain generation and the engine alike)."""
+    context = config.max_position_embeddings
+    if len(prompt_ids) == 0:
+        raise LmforgeError("the prompt is empty (0 tokens); give at least one token, e.g. the tokenizer's bos_id")
+    if len(prompt_ids) >= context:
+        raise LmforgeError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}, "
+                           f"leaving no room to generate; shorten the prompt to at most {context - 1} tokens")
+    bad = [i for i in prompt_ids if not 0 <= i < config.vocab_size]
+    if bad:
+        raise LmforgeError(f"prompt token ids {bad[:5]} are outside the model's vocabulary "
+                           f"0..{config.vocab_size - 1}; check that the tokenizer belongs to this model")
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -99,16 +114,7 @@ def generate(model: Transformer, prompt_ids: list[int], *, max_tokens: int, temp
 
     The arguments are checked here, at the call, so a mistake surfaces before the first token.
     """
-    context = model.config.max_position_embeddings
-    if len(prompt_ids) == 0:
-        raise LmforgeError("the prompt is empty (0 tokens); give at least one token, e.g. the tokenizer's bos_id")
-    if len(prompt_ids) >= context:
-        raise LmforgeError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}, "
-                           f"leaving no room to generate; shorten the prompt to at most {context - 1} tokens")
-    bad = [i for i in prompt_ids if not 0 <= i < model.config.vocab_size]
-    if bad:
-        raise LmforgeError(f"prompt token ids {bad[:5]} are outside the model's vocabulary "
-                           f"0..{model.config.vocab_size - 1}; check that the tokenizer belongs to this model")
+    check_prompt(prompt_ids, model.config)
     if max_tokens < 0:
         raise LmforgeError(f"--max-tokens {max_tokens}: must be >= 0")
     check_sampling(temperature, top_k, top_p)
@@ -131,9 +137,7 @@ def _decode(model: Transformer, prompt_ids: list[int], max_tokens: int, temperat
     # The context is full once prompt + output reach max_position_embeddings: the model has no
     # position for another token.
     num_new = min(max_tokens, model.config.max_position_embeddings - len(prompt_ids))
-    # Keys/values are stored as attention computes them: in the autocast dtype, or under fp32 in the
-    # weights' own dtype (a model cast wholesale to bf16). A mismatch breaks attention's matmul.
-    cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+    cache_dtype = kv_cache_dtype(model, dtype)
 
     def forward(ids: torch.Tensor) -> int:  # ids (1, T): append to the cache, sample the next token
         # The modes are entered per step, never held across a `yield`: they are thread-wide, and

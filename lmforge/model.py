@@ -344,12 +344,9 @@ class Transformer(nn.Module):
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T). Returns logits (B, T, V), or with targets (B, T) the cross-entropy
         (targets < 0 are ignored; loss_reduction='none' gives (B, T) per-token losses in nats).
-        logits_at (n,) picks the positions whose logits are wanted: (B, n, V) (serving needs a few
-        rows of a long packed batch, and the head is the widest matmul)."""
-        x = self.hidden_states(input_ids, kv_cache)
-        if logits_at is not None:
-            x = x[:, logits_at]
-        return lm_head_output(x, self.lm_head, targets, loss_reduction)
+        logits_at (n,) keeps only those positions' logits: (B, n, V)."""
+        return lm_head_output(self.hidden_states(input_ids, kv_cache), self.lm_head, targets, loss_reduction,
+                              logits_at)
 
     def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """The residual stream after the final norm: (B, T, D) (what the head reads; embeddings)."""

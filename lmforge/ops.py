@@ -66,10 +66,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 def lm_head_output(x: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor | None,
-                   loss_reduction: str) -> torch.Tensor:
+                   loss_reduction: str, logits_at: torch.Tensor | None = None) -> torch.Tensor:
     """The end of every model's forward: x (B, T, D) -> logits (B, T, V), or with targets (B, T) the
     cross-entropy (targets < 0 ignored): the mean through the fused path above (training, where the
-    logits are never stored), 'none' as (B, T) per-token losses in nats."""
+    logits are never stored), 'none' as (B, T) per-token losses in nats. logits_at (n,) keeps only
+    those positions: (B, n, V) (serving needs a few rows of a long packed batch, and the head is
+    the widest matmul)."""
+    if logits_at is not None:
+        x = x[:, logits_at]
     B, T, _ = x.shape
     if targets is not None and loss_reduction == "mean":
         return linear_cross_entropy(x.reshape(B * T, -1), head.weight, targets.reshape(B * T))

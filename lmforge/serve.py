@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hmac
 import json
 import logging
 import struct
@@ -227,7 +228,7 @@ def create_app(served: Served) -> FastAPI:
         if token is None:
             raise APIError(401, "no API key: send 'Authorization: Bearer <key>' (create one with "
                                 "`lmforge keys create`)", "authentication_error", code="missing_api_key")
-        if served.admin_key is not None and _same(token, served.admin_key):
+        if served.admin_key is not None and hmac.compare_digest(token.encode(), served.admin_key.encode()):
             return Caller("admin", None)
         record = await run_in_threadpool(served.keys.authenticate, token)
         if record is None:
@@ -410,12 +411,6 @@ def create_app(served: Served) -> FastAPI:
         return {"object": "list", "data": [r if isinstance(r, dict) else r._asdict() for r in rows]}
 
     return app
-
-
-def _same(a: str, b: str) -> bool:
-    import hmac
-
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def _rate_limited(message: str, wait: float) -> APIError:

@@ -257,25 +257,18 @@ def test_preemption_recomputes_identically_and_leaks_no_block(model):
     assert all(c == 0 for c in llm.block_manager.ref_count)
 
 
-def test_preemption_with_prefix_caching_recomputes_identically(model):
-    block_size, budget = 4, 512
+@pytest.mark.parametrize("budget, lengths, seed, max_tokens", [
+    (512, [random.Random(i).randrange(10, 21) for i in range(16)], 11, 44),  # whole-prompt recomputes
+    (16, [3, 13, 8, 11, 5, 12, 9, 4, 10, 7], 12, 40),  # recomputes in small chunks, pool at its floor (+1)
+])
+def test_preemption_with_prefix_caching_recomputes_identically(model, budget, lengths, seed, max_tokens):
+    block_size = 4
     num_blocks = math.ceil((CTX + budget) / block_size) + 1
-    prompts = random_prompts([random.Random(i).randrange(10, 21) for i in range(16)], seed=11)
+    prompts = random_prompts(lengths, seed=seed)
     llm = LLM(model, block_size=block_size, num_blocks=num_blocks, max_num_batched_tokens=budget)
-    outs = run(llm, prompts, greedy(44))
+    outs = run(llm, prompts, greedy(max_tokens))
     assert llm.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in outs] == [reference(model, p, 44) for p in prompts]
-    assert llm.num_free_blocks == llm.block_manager.num_blocks
-
-
-def test_preemption_with_chunked_recompute_near_the_block_floor(model):
-    block_size, budget = 4, 16
-    num_blocks = math.ceil((CTX + budget) / block_size) + 1  # 21 blocks, 84 slots, for ~500 tokens of demand
-    prompts = random_prompts([3, 13, 8, 11, 5, 12, 9, 4, 10, 7], seed=12)
-    llm = LLM(model, block_size=block_size, num_blocks=num_blocks, max_num_batched_tokens=budget)
-    outs = run(llm, prompts, greedy(40))
-    assert llm.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in outs] == [reference(model, p, 40) for p in prompts]
+    assert [o.token_ids for o in outs] == [reference(model, p, max_tokens) for p in prompts]
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 

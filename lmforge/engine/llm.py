@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from lmforge.common import LmforgeError, get_device
+from lmforge.common import LmforgeError, get_device, kv_cache_dtype
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.model_runner import ModelRunner, PagedKVCache
 from lmforge.engine.sampler import sample, top_logprobs
 from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import SamplingParams, Sequence
-from lmforge.generate import TextStream
+from lmforge.generate import TextStream, check_prompt
 
 Logprob = tuple[float, list[tuple[int, float]]]  # (chosen token's log-probability, [(token, lp)] top k)
 
@@ -77,9 +77,8 @@ class LLM:
         self.context = self.config.max_position_embeddings
         # Sample only ids the tokenizer can write out (imported tables are padded past the tokenizer).
         self.num_tokens = tokenizer.vocab_size if tokenizer is not None else self.config.vocab_size
-        cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
         if num_blocks is None:
-            per_block = PagedKVCache.bytes_per_block(self.config, block_size, cache_dtype)
+            per_block = PagedKVCache.bytes_per_block(self.config, block_size, kv_cache_dtype(model, dtype))
             wanted = -(-max_num_seqs * self.context // block_size)
             floor = -(-(self.context + max_num_batched_tokens) // block_size)
             num_blocks = max(floor, min(kv_cache_bytes // per_block, wanted))
@@ -116,15 +115,7 @@ class LLM:
         """Queue a prompt for `params.n` completions; returns the request id. `salt` separates
         tenants in the prefix cache (a key's own prompts share cached blocks; others' never do)."""
         params.validate(self.num_tokens)
-        if not prompt_ids:
-            raise LmforgeError("the prompt is empty (0 tokens); give at least one token")
-        if len(prompt_ids) >= self.context:
-            raise LmforgeError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {self.context}; "
-                               f"shorten it to at most {self.context - 1} tokens")
-        bad = [i for i in prompt_ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise LmforgeError(f"prompt token ids {bad[:5]} are outside the model's vocabulary "
-                               f"0..{self.config.vocab_size - 1}")
+        check_prompt(prompt_ids, self.config)
         if params.stop and self.tokenizer is None:
             raise LmforgeError("stop strings need the engine's tokenizer; pass stop_token_ids instead")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.common import autocast
+from lmforge.common import autocast, kv_cache_dtype
 from lmforge.engine.sequence import Sequence
 from lmforge.model import causal_attention
 
@@ -128,10 +128,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype):
         self.model, self.device, self.dtype = model, device, dtype
-        # Keys/values are stored as attention computes them: in the autocast dtype, or under fp32 in
-        # the weights' own dtype (a bf16 checkpoint run without autocast).
-        cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, device, cache_dtype)
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, device, kv_cache_dtype(model, dtype))
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], logit_rows: list[int]) -> torch.Tensor:
