@@ -38,6 +38,7 @@ from lmforge.weights import iter_tensors, read_header
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, MANIFEST_FILE = (
     "config.json", "model.safetensors", "tokenizer.json", "manifest.json")
+TRAINABLE_FILE = "trainable.safetensors"  # post-training checkpoints: only the parameters that train
 # model_type -> the Hugging Face class that loads the same folder
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
@@ -122,7 +123,11 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, tokenizer=None
 
     def write(tmp: Path):
         _write_model(tmp, model, extra)
-        if tokenizer is not None:
+        from lmforge.tokenizer import HFTokenizer
+
+        if isinstance(tokenizer, HFTokenizer):  # an imported tokenizer keeps its config (chat template, specials)
+            tokenizer.export_hf(tmp)
+        elif tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
 
     return _write_folder(Path(folder), write)
@@ -232,8 +237,15 @@ def _optimizer_from_files(optimizers, tensors: dict, meta: list) -> None:
         opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
 
 
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name: all of them in full fine-tuning, the adapters with LoRA."""
+    return {n: p.detach().contiguous().cpu() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizers: list,
-                    trainer_state: dict, keep_last: int = 2) -> Path:
+                    trainer_state: dict, keep_last: int = 2, *, trainable_only: bool = False) -> Path:
+    """A training checkpoint folder. trainable_only (post-training) stores only the parameters that
+    train, in trainable.safetensors: the rest is the base model folder, loaded again on resume."""
     ckpt_root = Path(run_dir) / "checkpoints"
     model = unwrap(model)
     opt_tensors, opt_meta = _optimizer_to_files(optimizers)
@@ -244,7 +256,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     state = {**trainer_state, "step": step, "optimizers": opt_meta, "python_rng": random.getstate()}
 
     def write(tmp: Path):
-        _write_model(tmp, model, {"step": step})
+        if trainable_only:
+            save_file(trainable_weights(model), tmp / TRAINABLE_FILE)
+        else:
+            _write_model(tmp, model, {"step": step})
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -266,12 +281,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizers: list) -> dict:
     """Restore weights, optimizer state and RNG in place; return the trainer state."""
-    loaded = load_model(folder, device="cpu")
     target = unwrap(model)
-    if loaded.config != target.config:
-        raise LmforgeError(f"{folder}: checkpoint model config differs from this run's "
-                           f"({loaded.config} vs {target.config}); resume with the same model settings")
-    target.load_state_dict(loaded.state_dict())
+    if (folder / TRAINABLE_FILE).exists():
+        verify_manifest(folder)
+        saved, expected = load_file(folder / TRAINABLE_FILE), trainable_weights(target)
+        check_tensor_names(folder / TRAINABLE_FILE, {k: v.shape for k, v in saved.items()},
+                           {k: v.shape for k, v in expected.items()})
+        with torch.no_grad():
+            for name, p in target.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
+    else:
+        loaded = load_model(folder, device="cpu")
+        if loaded.config != target.config:
+            raise LmforgeError(f"{folder}: checkpoint model config differs from this run's "
+                               f"({loaded.config} vs {target.config}); resume with the same model settings")
+        target.load_state_dict(loaded.state_dict())
     state = json.loads((folder / "trainer_state.json").read_text())
     _optimizer_from_files(optimizers, load_file(folder / "optimizer.safetensors"), state["optimizers"])
     rng = load_file(folder / "rng.safetensors")

@@ -113,6 +113,55 @@ def _add_generate_args(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_chat_args(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a model in the terminal through its chat template, with history",
+                       description="An interactive chat: each turn goes through the model's chat template and the "
+                                   "answer streams as it is generated. /reset clears the history, /exit or Ctrl-D "
+                                   "leaves.")
+    _add_model_source(p)
+    p.add_argument("--system", help="a system message that opens the conversation")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+
+
+def _add_sft_args(sub) -> None:
+    from lmforge.posttrain import FitConfig
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA)",
+                       description="Fine-tune a model on conversations: OpenAI-style {'messages': [...]} or "
+                                   "{'prompt', 'completion'} JSONL. The loss is on the assistant's tokens only; "
+                                   "examples are packed into rows. OUT becomes a run folder (OUT/model; with LoRA "
+                                   "also OUT/adapter in PEFT's layout). --resume continues OUT exactly.")
+    _add_model_source(p)
+    p.add_argument("--data", help="conversations JSONL")
+    p.add_argument("--out", required=True, help="output run folder")
+    p.add_argument("--resume", action="store_true", help="continue OUT's latest checkpoint with its settings")
+    p.add_argument("--val-data", help="validation JSONL (default: a 5%% hash slice of --data)")
+    p.add_argument("--seq-len", type=int, default=None, help="packed row length (default: context, at most 1024)")
+    p.add_argument("--too-long", choices=("drop", "truncate"), default="drop",
+                   help="conversations longer than --seq-len: drop them (default) or cut them; counted either way")
+    p.add_argument("--on-bad-line", choices=("skip", "raise"), default="skip",
+                   help="malformed lines: skip and report them with line numbers (default), or stop at the first")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 (default) fine-tunes every weight")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (updates scaled alpha/rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", help="comma-separated module names (default: all attention and MLP projections)")
+    d = {f.name: f.default for f in fields(FitConfig)}
+    p.add_argument("--epochs", type=float, default=d["epochs"], help=f"passes over the data (default {d['epochs']})")
+    p.add_argument("--steps", type=int, dest="max_steps", default=None, help="optimizer steps (overrides --epochs)")
+    for name in ("batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "grad_clip", "schedule",
+                 "warmup_steps", "eval_every", "ckpt_every", "log_every", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=type(d[name]), default=d[name],
+                       help=f"{name.replace('_', ' ')} (default {d[name]})")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 compute")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_eval_args(sub) -> None:
     p = sub.add_parser("eval", help="held-out bits per byte, beside xz -9 and zlib -9",
                        description="Bits per byte on a held-out split (default: the run's own), and the same "
@@ -215,8 +264,9 @@ def _add_usage_args(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Make, run and understand language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args, _add_eval_args,
-                _add_serve_args, _add_export_args, _add_import_args, _add_keys_args, _add_usage_args):
+    for add in (_add_run_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args, _add_chat_args,
+                _add_sft_args, _add_eval_args, _add_serve_args, _add_export_args, _add_import_args, _add_keys_args,
+                _add_usage_args):
         add(sub)
     return parser
 
@@ -319,6 +369,46 @@ def cmd_generate(args) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_chat(args) -> None:
+    from lmforge.chat import chat_loop
+    from lmforge.checkpoint import load_model, resolve_model_folder
+    from lmforge.common import get_device, resolve_dtype
+    from lmforge.tokenizer import load_tokenizer
+
+    folder, tok_path = resolve_model_folder(args.run, args.model)
+    device = get_device(args.device)
+    chat_loop(load_model(folder, device), load_tokenizer(tok_path), system=args.system, max_tokens=args.max_tokens,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=device,
+              dtype=resolve_dtype("auto", device))
+
+
+def cmd_sft(args) -> None:
+    from lmforge.checkpoint import resolve_model_folder
+    from lmforge.posttrain import FitConfig
+    from lmforge.sft import SFTConfig, load_settings, sft
+
+    if args.resume:
+        folder, tok_path, cfg = load_settings(args.out)
+    else:
+        if not args.data:
+            raise LmforgeError("give --data CONVERSATIONS.jsonl (or --resume an existing --out)")
+        folder, tok_path = resolve_model_folder(args.run, args.model)
+        fit_names = {f.name for f in fields(FitConfig)} - {"out_dir", "progress"}
+        fit = FitConfig(out_dir=args.out, progress=not args.quiet,
+                        **{k: v for k, v in vars(args).items() if k in fit_names})
+        targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else None
+        cfg = SFTConfig(data=args.data, val_data=args.val_data, seq_len=args.seq_len, too_long=args.too_long,
+                        on_bad_line=args.on_bad_line, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, lora_targets=targets, device=args.device, dtype=args.dtype,
+                        fit=fit)
+    summary = sft(folder, tok_path, cfg, resume=args.resume)
+    final = summary["final"]
+    print(f"fine-tuned {summary['steps']} steps ({summary['epochs']:.2f} epochs, {summary['num_trainable']:,} "
+          f"trainable parameters); held-out loss {summary['first'].get('val_loss', float('nan')):.3f} -> "
+          f"{final.get('val_loss', float('nan')):.3f}. Model: {cfg.fit.out_dir}/model. "
+          f"Try: lmforge chat --run {cfg.fit.out_dir}")
 
 
 def cmd_eval(args) -> None:
@@ -444,7 +534,7 @@ def cmd_usage(args) -> None:
 
 
 COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate,
-            "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
+            "chat": cmd_chat, "sft": cmd_sft, "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
             "serve": cmd_serve,
             "keys": cmd_keys, "usage": cmd_usage}
 

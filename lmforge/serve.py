@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.common import LmforgeError
+from lmforge.conversations import render_template
 from lmforge.engine.async_engine import EngineError, Overloaded
 from lmforge.engine.sequence import SamplingParams
 
@@ -466,22 +467,6 @@ def _render_chat(served: Served, messages: list[ChatMessage]) -> list[int]:
     except Exception as e:  # noqa: BLE001 - a template's own raise_exception, or a message it cannot render
         raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
     return served.tokenizer.encode_with_special(text)
-
-
-def render_template(template: str, messages: list[dict], tokenizer) -> str:
-    """Render a Hugging Face chat template as transformers does (sandboxed Jinja, trimmed blocks)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise ValueError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    specials = {}
-    for name in ("bos", "eos"):
-        i = getattr(tokenizer, f"{name}_id", None)
-        specials[f"{name}_token"] = tokenizer.id_to_bytes(i).decode("utf-8", "replace") if i is not None else ""
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **specials)
 
 
 def _sampling(body: _Sampling, served: Served, *, max_tokens: int | None, logprobs: int | None = None,
