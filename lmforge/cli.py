@@ -129,8 +129,6 @@ def _add_chat_args(sub) -> None:
 
 
 def _add_sft_args(sub) -> None:
-    from lmforge.posttrain import FitConfig
-
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA)",
                        description="Fine-tune a model on conversations: OpenAI-style {'messages': [...]} or "
                                    "{'prompt', 'completion'} JSONL. The loss is on the assistant's tokens only; "
@@ -150,16 +148,56 @@ def _add_sft_args(sub) -> None:
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha (updates scaled alpha/rank)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lora-targets", help="comma-separated module names (default: all attention and MLP projections)")
-    d = {f.name: f.default for f in fields(FitConfig)}
+    _add_fit_args(p, {})
+
+
+def _add_fit_args(p, defaults) -> None:
+    """The shared post-training loop's settings (posttrain.FitConfig), with `defaults` overriding its own."""
+    from lmforge.posttrain import FitConfig
+
+    d = {**{f.name: f.default for f in fields(FitConfig)}, **defaults}
+    text = {"batch_size": "examples (packed rows or pairs) per micro-step", "grad_accum": "micro-steps per optimizer "
+            "step", "optimizer": "adamw or muon", "lr": "peak learning rate", "schedule": "cosine or wsd",
+            "eval_every": "steps between held-out checks", "ckpt_every": "steps between checkpoints"}
     p.add_argument("--epochs", type=float, default=d["epochs"], help=f"passes over the data (default {d['epochs']})")
     p.add_argument("--steps", type=int, dest="max_steps", default=None, help="optimizer steps (overrides --epochs)")
     for name in ("batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "grad_clip", "schedule",
                  "warmup_steps", "eval_every", "ckpt_every", "log_every", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=type(d[name]), default=d[name],
-                       help=f"{name.replace('_', ' ')} (default {d[name]})")
+                       help=f"{text.get(name, name.replace('_', ' '))} (default {d[name]})")
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 compute")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _fit_config(args):
+    from lmforge.posttrain import FitConfig
+
+    names = {f.name for f in fields(FitConfig)} - {"out_dir", "progress"}
+    return FitConfig(out_dir=args.out, progress=not args.quiet, **{k: v for k, v in vars(args).items() if k in names})
+
+
+def _add_preference_args(sub) -> None:
+    for name, short, text, defaults in (
+            ("dpo", "preference tuning with DPO (prompt/chosen/rejected pairs)",
+             "Direct Preference Optimisation against the frozen starting model; reports implicit-reward "
+             "accuracy and margin on held-out pairs.", {"lr": 5e-5, "epochs": 1.0}),
+            ("reward-model", "train a Bradley-Terry reward model on preference pairs",
+             "A Bradley-Terry reward model (the model's body and a scalar head) trained on the "
+             "pairs; reports held-out accuracy.", {"lr": 1e-4, "epochs": 1.0})):
+        p = sub.add_parser(name, help=short,
+                           description=text + " Data: JSONL of {'prompt', 'chosen', 'rejected'}; prompt is a "
+                                              "string or a message list.")
+        _add_model_source(p)
+        p.add_argument("--data", required=True, help="preference JSONL")
+        p.add_argument("--out", required=True, help="output run folder")
+        p.add_argument("--val-data", help="held-out JSONL (default: a 10%% hash slice of --data by prompt)")
+        p.add_argument("--seq-len", type=int, default=None, help="longest prompt + answer kept (default: context, "
+                                                                  "at most 1024); longer pairs are dropped, counted")
+        p.add_argument("--on-bad-line", choices=("skip", "raise"), default="skip")
+        if name == "dpo":
+            p.add_argument("--beta", type=float, default=0.1, help="strength of the pull to the reference (0.1)")
+        _add_fit_args(p, defaults)
 
 
 def _add_eval_args(sub) -> None:
@@ -265,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Make, run and understand language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args, _add_chat_args,
-                _add_sft_args, _add_eval_args, _add_serve_args, _add_export_args, _add_import_args, _add_keys_args,
-                _add_usage_args):
+                _add_sft_args, _add_preference_args, _add_eval_args, _add_serve_args, _add_export_args,
+                _add_import_args, _add_keys_args, _add_usage_args):
         add(sub)
     return parser
 
@@ -386,7 +424,6 @@ def cmd_chat(args) -> None:
 
 def cmd_sft(args) -> None:
     from lmforge.checkpoint import resolve_model_folder
-    from lmforge.posttrain import FitConfig
     from lmforge.sft import SFTConfig, load_settings, sft
 
     if args.resume:
@@ -395,20 +432,43 @@ def cmd_sft(args) -> None:
         if not args.data:
             raise LmforgeError("give --data CONVERSATIONS.jsonl (or --resume an existing --out)")
         folder, tok_path = resolve_model_folder(args.run, args.model)
-        fit_names = {f.name for f in fields(FitConfig)} - {"out_dir", "progress"}
-        fit = FitConfig(out_dir=args.out, progress=not args.quiet,
-                        **{k: v for k, v in vars(args).items() if k in fit_names})
         targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else None
         cfg = SFTConfig(data=args.data, val_data=args.val_data, seq_len=args.seq_len, too_long=args.too_long,
                         on_bad_line=args.on_bad_line, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, lora_targets=targets, device=args.device, dtype=args.dtype,
-                        fit=fit)
+                        fit=_fit_config(args))
     summary = sft(folder, tok_path, cfg, resume=args.resume)
     final = summary["final"]
     print(f"fine-tuned {summary['steps']} steps ({summary['epochs']:.2f} epochs, {summary['num_trainable']:,} "
           f"trainable parameters); held-out loss {summary['first'].get('val_loss', float('nan')):.3f} -> "
           f"{final.get('val_loss', float('nan')):.3f}. Model: {cfg.fit.out_dir}/model. "
           f"Try: lmforge chat --run {cfg.fit.out_dir}")
+
+
+def cmd_dpo(args) -> None:
+    from lmforge.checkpoint import resolve_model_folder
+    from lmforge.dpo import DPOConfig, dpo
+
+    folder, tok_path = resolve_model_folder(args.run, args.model)
+    cfg = DPOConfig(data=args.data, val_data=args.val_data, beta=args.beta, seq_len=args.seq_len,
+                    on_bad_line=args.on_bad_line, device=args.device, dtype=args.dtype, fit=_fit_config(args))
+    s = dpo(folder, tok_path, cfg)
+    before, after = (s[k].get("val_reward_accuracy", float("nan")) for k in ("first", "final"))
+    final = s["final"]
+    print(f"DPO {s['steps']} steps (beta {cfg.beta}); held-out reward accuracy {before:.3f} -> {after:.3f}"
+          f", margin {final.get('val_reward_margin', float('nan')):.3f}. Model: {args.out}/model")
+
+
+def cmd_reward_model(args) -> None:
+    from lmforge.checkpoint import resolve_model_folder
+    from lmforge.reward import RewardConfig, train_reward_model
+
+    folder, tok_path = resolve_model_folder(args.run, args.model)
+    cfg = RewardConfig(data=args.data, val_data=args.val_data, seq_len=args.seq_len, on_bad_line=args.on_bad_line,
+                       device=args.device, dtype=args.dtype, fit=_fit_config(args))
+    s = train_reward_model(folder, tok_path, cfg)
+    print(f"reward model {s['steps']} steps; held-out accuracy {s['first'].get('val_accuracy', float('nan')):.3f} -> "
+          f"{s['final'].get('val_accuracy', float('nan')):.3f}. Saved in {args.out}")
 
 
 def cmd_eval(args) -> None:
@@ -534,7 +594,8 @@ def cmd_usage(args) -> None:
 
 
 COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate,
-            "chat": cmd_chat, "sft": cmd_sft, "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
+            "chat": cmd_chat, "sft": cmd_sft, "dpo": cmd_dpo,
+            "reward-model": cmd_reward_model, "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
             "serve": cmd_serve,
             "keys": cmd_keys, "usage": cmd_usage}
 
