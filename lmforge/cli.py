@@ -200,6 +200,34 @@ def _add_preference_args(sub) -> None:
         _add_fit_args(p, defaults)
 
 
+def _add_rl_args(sub) -> None:
+    from lmforge.rl import RLConfig
+
+    p = sub.add_parser("rl", help="reinforcement learning with verifiable rewards (GRPO)",
+                       description="GRPO: sample a group of answers per prompt with the engine, score each with a "
+                                   "program (task 'code': the built-in stdlib functions, checked for parsing, the "
+                                   "name and doctests in a sandbox; task 'math': GSM8K-style question/answer JSONL, "
+                                   "checked by the final number), and push the policy toward answers that beat "
+                                   "their group's mean.")
+    _add_model_source(p)
+    p.add_argument("--task", choices=("code", "math"), default="code")
+    p.add_argument("--data", help="task 'math': JSONL of {'question', 'answer'} (answer ends '#### N')")
+    p.add_argument("--out", required=True, help="output run folder")
+    p.add_argument("--resume", action="store_true", help="continue OUT's latest checkpoint")
+    d = {f.name: f.default for f in fields(RLConfig)}
+    text = {"prompts_per_step": "prompts sampled per step", "group_size": "answers per prompt",
+            "max_tokens": "most tokens per answer", "clip_eps": "PPO clip range", "kl_coef": "weight of KL to the "
+            "starting model (0: none)", "updates_per_step": "optimizer passes over each batch",
+            "micro_batch": "answers per forward/backward", "eval_prompts": "held-out prompts scored greedily"}
+    for name in ("steps", "prompts_per_step", "group_size", "max_tokens", "temperature", "top_p", "lr",
+                 "warmup_steps", "grad_clip", "clip_eps", "kl_coef", "updates_per_step", "micro_batch", "eval_every",
+                 "eval_prompts", "ckpt_every", "seed", "device", "dtype"):
+        p.add_argument("--" + name.replace("_", "-"), type=type(d[name]), default=d[name],
+                       help=f"{text.get(name, name.replace('_', ' '))} (default {d[name]})")
+    p.add_argument("--scale-rewards", action="store_true", help="divide advantages by the group's std (GRPO paper)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_eval_args(sub) -> None:
     p = sub.add_parser("eval", help="held-out bits per byte, beside xz -9 and zlib -9",
                        description="Bits per byte on a held-out split (default: the run's own), and the same "
@@ -303,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Make, run and understand language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args, _add_chat_args,
-                _add_sft_args, _add_preference_args, _add_eval_args, _add_serve_args, _add_export_args,
+                _add_sft_args, _add_preference_args, _add_rl_args,
+                _add_eval_args, _add_serve_args, _add_export_args,
                 _add_import_args, _add_keys_args, _add_usage_args):
         add(sub)
     return parser
@@ -471,6 +500,16 @@ def cmd_reward_model(args) -> None:
           f"{s['final'].get('val_accuracy', float('nan')):.3f}. Saved in {args.out}")
 
 
+def cmd_rl(args) -> None:
+    from lmforge.checkpoint import resolve_model_folder
+    from lmforge.rl import RLConfig, rl
+
+    folder, tok_path = resolve_model_folder(args.run, args.model)
+    names = {f.name for f in fields(RLConfig)} - {"out_dir", "progress"}
+    cfg = RLConfig(out_dir=args.out, progress=not args.quiet, **{k: v for k, v in vars(args).items() if k in names})
+    rl(folder, tok_path, cfg, resume=args.resume)
+
+
 def cmd_eval(args) -> None:
     from lmforge.checkpoint import load_model, resolve_model_folder
     from lmforge.common import get_device, resolve_dtype
@@ -594,10 +633,9 @@ def cmd_usage(args) -> None:
 
 
 COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate,
-            "chat": cmd_chat, "sft": cmd_sft, "dpo": cmd_dpo,
-            "reward-model": cmd_reward_model, "eval": cmd_eval, "export": cmd_export, "import": cmd_import,
-            "serve": cmd_serve,
-            "keys": cmd_keys, "usage": cmd_usage}
+            "chat": cmd_chat, "sft": cmd_sft, "dpo": cmd_dpo, "reward-model": cmd_reward_model, "rl": cmd_rl,
+            "eval": cmd_eval, "export": cmd_export, "import": cmd_import, "serve": cmd_serve, "keys": cmd_keys,
+            "usage": cmd_usage}
 
 
 def main(argv: list[str] | None = None) -> int:

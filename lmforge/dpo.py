@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_model, save_model_folder
 from lmforge.common import LmforgeError, atomic_write_text, autocast, get_device, print0, resolve_dtype, seed_everything
 from lmforge.conversations import Preference, read_preferences, render
-from lmforge.posttrain import FitConfig, fit
+from lmforge.posttrain import FitConfig, fit, pad_rows
 from lmforge.tokenizer import load_tokenizer
 
 
@@ -37,18 +37,6 @@ def pair_examples(tokenizer, pairs: list[Preference]) -> list[tuple[tuple[list[i
     """(chosen, rejected) renderings of each pair: (ids, trained) each."""
     return [tuple(render(tokenizer, [*p.prompt, {"role": "assistant", "content": answer}])
                   for answer in (p.chosen, p.rejected)) for p in pairs]
-
-
-def pad_rows(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One example per row, right-padded to the longest: inputs and next-token targets (N, T), -1 = not trained."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(examples), T), -1, dtype=torch.long)
-    for i, (ids, trained) in enumerate(examples):
-        ids_t, mask = torch.tensor(ids), torch.tensor(trained)
-        inputs[i, :len(ids) - 1] = ids_t[:-1]
-        targets[i, :len(ids) - 1] = ids_t[1:].masked_fill(~mask[1:], -1)
-    return inputs, targets
 
 
 def pair_tensors(tokenizer, pairs: list[Preference], context: int, counts: dict, prefix: str = "") -> dict:

@@ -68,6 +68,18 @@ def pack(examples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int
     return ids[:, :-1].contiguous(), targets
 
 
+def pad_rows(examples: list[tuple[list[int], list[bool]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One example per row, right-padded to the longest: inputs and next-token targets (N, T), -1 = not trained."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T), -1, dtype=torch.long)
+    for i, (ids, trained) in enumerate(examples):
+        ids_t, mask = torch.tensor(ids), torch.tensor(trained)
+        inputs[i, :len(ids) - 1] = ids_t[:-1]
+        targets[i, :len(ids) - 1] = ids_t[1:].masked_fill(~mask[1:], -1)
+    return inputs, targets
+
+
 def fit_to_context(examples: list[tuple[list[int], list[bool]]], context: int, too_long: str,
                    counts: dict) -> list[tuple[list[int], list[bool]]]:
     """Examples longer than the context (context + 1 tokens, counting the last target) are dropped,

@@ -200,3 +200,26 @@ def test_sft_cli_errors_are_one_line(tmp_path, base_model):
     assert out.returncode == 2 and "missing.jsonl: no such file" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run(CLI + ["sft", "--out", str(tmp_path / "o"), "--resume"], capture_output=True, text=True)
     assert out.returncode == 2 and "not a fine-tuning run folder" in out.stderr
+
+
+def test_lora_sft_trains_only_adapters_and_merges_into_the_model(tmp_path, base_model):
+    from lmforge.checkpoint import load_model
+    from lmforge.lora import load_adapter
+
+    data = write_jsonl(tmp_path / "train.jsonl", reversal_chats(60))
+    cfg = _sft_config(data, tmp_path / "lora", max_steps=6, ckpt_every=100)
+    cfg.lora_rank, cfg.lora_targets = 4, ("q_proj", "v_proj")
+    summary = sft(base_model, base_model / "tokenizer.json", cfg)
+    c = load_model(base_model).config
+    per_layer = 4 * (c.hidden_size + c.num_attention_heads * c.head_dim) + 4 * (
+        c.hidden_size + c.num_key_value_heads * c.head_dim)
+    assert summary["num_trainable"] == c.num_hidden_layers * per_layer
+    ckpt = load_file(tmp_path / "lora" / "checkpoints" / "step_000006" / "trainable.safetensors")
+    assert all("lora_" in k for k in ckpt)  # a LoRA checkpoint holds the adapters only
+    merged = load_model(tmp_path / "lora" / "model")
+    adapted = load_model(base_model)
+    load_adapter(adapted, tmp_path / "lora" / "adapter")
+    ids = torch.randint(0, c.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (merged(ids) - adapted(ids)).abs().max() < 1e-5
+        assert (merged(ids) - load_model(base_model)(ids)).abs().max() > 1e-4  # the adapters did learn something
