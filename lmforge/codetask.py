@@ -1,0 +1,555 @@
+"""The built-in code domain for post-training: stdlib functions to write from a signature and a summary.
+
+Every function the default corpus already holds is a small instruction-following example:
+
+    user:      Write a Python function `multimode(data)` that returns a list of the most frequently
+               occurring values.
+    assistant: from collections import Counter
+               def multimode(data):
+                   '''Return a list of the most frequently occurring values. ... >>> multimode('aabbbbbbbbcc') ...'''
+                   counts = Counter(iter(data))
+                   ...
+
+`extract_tasks` turns the stdlib sources (or any `Document`s) into `CodeTask`s; `to_messages` /
+`write_jsonl` make SFT rows of them; `check` scores a model's answer to one (does it parse, does it
+define the function, do the docstring's doctests pass), `reward` shapes that into [0, 1] for RL, and
+answers that fail become DPO's rejected side. Generated code is only ever *executed* in
+`lmforge.sandbox`; this module only parses it (`ast.parse` runs nothing).
+
+The split is the corpus's own: a task is "val" when its file is held out (`corpus.is_heldout` of the
+document id), so val tasks come from files pretraining never saw.
+
+Selection rules, each counted by reason in `counts` (nothing is dropped silently). The functions
+considered are the defs in module and class bodies (also under a module-level if/try/with); a def
+inside a function is part of that function.
+  files    not a `.py` file (the pydoc topics are prose); a path containing "test" (test suites,
+           unittest/doctest themselves, idle_test, lib2to3's test data: their functions are test
+           cases, not library code with a spec); a file that does not parse on this Python.
+  method   needs its class (and `self`): not writable, or runnable, alone.
+  conditional def  a def under a module-level if/try is one of several platform variants.
+  async    the doctest runner calls plain functions; async code needs an event loop to check.
+  decorated  a decorator changes what the name means (caches, dispatch, context managers) and
+           usually comes from the module.
+  dunder or mangled name  module-level `__getattr__`/`__dir__` are protocol hooks, not tasks.
+           Single-underscore helpers are kept: many are small, documented and self-contained.
+  test name  `test*` functions are tests even outside test files.
+  no docstring / no summary  the docstring is the spec the prompt is made of (one that opens with
+           a doctest, or only restates the signature, has no summary to ask for).
+  summary too short (< min_summary_words words) / too long (its first sentence > max_summary_chars):
+           a prompt must say what to write, in a sentence or two.
+  body too short / too long  2..max_lines lines after the docstring: a one-liner is a lookup, not
+           a task; a long function is beyond what a small model writes in one answer.
+  uses module-level names  the function (or a default in its signature) reads a name its module
+           defines (a helper, a constant, a global) that the prompt never mentions, so its solution
+           does not run alone and answers are not writable from the prompt. Imports are fine: the
+           ones the function needs are put before it in the solution. `self_contained=False` keeps
+           these (about three times as many tasks, for SFT volume).
+  does not parse alone  the solution text (imports + function) must parse on its own.
+  duplicate  a (name, summary) pair seen before, in corpus order: the first is kept, so the same
+           function vendored in two files is never one train and one val task.
+
+Measured on CPython 3.11.7 (about 5 s for `extract_tasks()`: every non-test stdlib module parsed once):
+  extract_tasks()                     367 tasks: 365 train, 2 val; 12 with doctests (all train), 10 of
+                                      them verified (`verified_doctest_tasks`; difflib.restore and
+                                      typing._collect_parameters need their modules)
+  extract_tasks(self_contained=False) 1157 tasks: 1150 train, 7 val; 43 with doctests, 16 verified
+  of 15527 functions in 717 parsed files (1041 test files and 79 non-.py documents skipped): 12197
+  methods, 1249 without docstring, 800 using module-level names, 257 bodies too short, 236 too long,
+  156 conditional defs, 79 summaries too short, 11 too long, 35 without a summary, 62 decorated,
+  40 test names, 19 dunders, 15 async, 4 duplicates.
+Val is small because the corpus holds out 2% of files; the stdlib has few doctests (85 module-level
+functions carry any), so the doctest reward covers few tasks: the rest are scored on form only.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import doctest
+import json
+import re
+import secrets
+import textwrap
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge import sandbox
+from lmforge.common import atomic_write_text
+from lmforge.corpus import Corpus, Document, is_heldout
+
+
+@dataclass(frozen=True)
+class CodeTask:
+    id: str  # "<doc id>::<qualname>": stable across runs and machines with the same stdlib
+    name: str  # the function's name
+    signature: str  # "name(a, b=1, *args)": the arguments as written (ast.unparse), no return annotation
+    summary: str  # the docstring's first paragraph (its leading sentences, <= max_summary_chars)
+    prompt: str  # the user message
+    solution: str  # the imports the function needs, then its source with the docstring: what SFT trains on
+    doctests: str  # the docstring's `>>>` examples as a runnable doctest text ("" if none)
+    split: str  # "train" or "val": the corpus's hash split of the file
+
+
+# ----------------------------------------------------------------------------- extraction
+
+_BUILTINS = frozenset(dir(builtins)) | {"__name__", "__file__", "__doc__", "__debug__"}
+# A paragraph that only restates the call ("getopt(args, options[, long_options]) -> opts, args"),
+# as old C-style docstrings open.
+_SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)\s*(->.*)?$")
+# Sentence ends: after . ! ? and before a capital, not after "e.g." / "i.e." / "etc.".
+_SENTENCE_END = re.compile(r"(?<![ .]e\.g\.)(?<!i\.e\.)(?<!etc\.)(?<=[.!?])\s+(?=[A-Z`'\"(])")
+
+# Imperative verbs that open stdlib summaries (PEP 257's "Return the ...", measured on the stdlib's
+# first words): in the prompt they become third person ("... that returns the ..."), also after an
+# adverb ("Recursively copy" -> "that recursively copies"). A verb followed by "of" is a noun
+# ("List of names"). A summary that opens with anything else ("Same as ...", "A ...") is quoted
+# after a colon instead.
+_VERBS = frozenset("""
+    accept acquire add allow append apply ask attempt bootstrap build calculate call cancel check clean
+    clear close collapse collect combine compare compile compose compress compute configure construct
+    convert copy count create customize decide decode decompress define delete deserialize detect
+    determine disable disassemble display divide do draw dump emit enable encode ensure escape evaluate
+    execute exit expand extend extract fetch fill filter find fix flatten flush format generate get guess
+    handle hash ignore import include increment initialize insert install interleave invoke iterate join
+    keep launch list load locate log make map match merge modify move normalize obtain open override
+    pack page parse perform pop prepare prepend print process produce prompt push put quote raise read
+    recalculate receive reduce register reload remove rename render replace represent request reset
+    resolve restore retrieve return reverse rewrite run save scale scan schedule search select send
+    serialize set shift show shut skip sort split start stop store strip submit substitute summarize swap
+    take tally test tokenize transform translate trim truncate try turn uninstall unpack unquote unregister
+    unwrap update use validate verify visit wait walk warn wrap write yield
+""".split())
+
+
+def _third_person(verb: str) -> str:
+    """return -> returns, copy -> copies, do -> does, byte-compile -> byte-compiles."""
+    head, _, last = verb.rpartition("-")
+    if re.search(r"(s|sh|ch|x|z|o)$", last):
+        last += "es"
+    elif re.search(r"[^aeiou]y$", last):
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return f"{head}-{last}" if head else last
+
+
+def _verb_of(word: str) -> str | None:
+    """The third-person form of a summary's first word when it is an imperative (or already third-person)
+    verb from _VERBS, else None. The verb of a hyphenated word is its last part (Byte-compile)."""
+    lower = word.lower()
+    last = lower.rpartition("-")[2]
+    if last in _VERBS:
+        return lower[: len(lower) - len(last)] + _third_person(last)
+    for stem in (last[:-1], last[:-2], last[:-3] + "y" if last.endswith("ies") else ""):
+        if stem in _VERBS and _third_person(stem) == last:
+            return lower
+    return None
+
+
+def make_prompt(signature: str, summary: str) -> str:
+    """The user message: "Write a Python function `sig` that returns ..." for a summary that opens with
+    a verb; otherwise the summary follows a colon, so the sentence never reads as broken English."""
+    text = summary.rstrip()
+    if text.endswith((":", ",", ";")):
+        text = text[:-1]
+    if not text.endswith((".", "!", "?")):
+        text += "."
+    words = text.split(" ")
+    adverb = ""
+    if len(words) > 1 and re.fullmatch(r"[A-Z][a-z]+ly", words[0]) and _verb_of(words[0]) is None:
+        adverb, words = words[0].lower() + " ", words[1:]  # "Recursively copy"
+    first, rest = words[0], " ".join(words[1:])
+    is_word = re.fullmatch(r"[A-Za-z][a-z]*(-[a-z]+)*", first) and not rest.startswith("of ")
+    verb = _verb_of(first) if is_word else None
+    if verb is not None:
+        # "Find and load the module" -> "finds and loads the module": verbs joined to the first one,
+        # in its sentence only (later sentences stay imperative, as written)
+        head, *tail = _SENTENCE_END.split(rest, maxsplit=1)
+        head = re.sub(r"\b(and|or|then) ([a-z]+)\b(?! of\b)",
+                      lambda m: f"{m[1]} {_third_person(m[2]) if m[2] in _VERBS else m[2]}", head)
+        rest = " ".join([head, *tail])
+        return f"Write a Python function `{signature}` that {adverb}{verb} {rest}".rstrip()
+    return f"Write a Python function `{signature}` matching this description: {text}"
+
+
+def _summary(docstring: str, max_chars: int) -> tuple[str | None, str]:
+    """(summary, "") or (None, why not). The summary is the first paragraph that says something (not a
+    signature line), whitespace normalised; when longer than max_chars, its leading sentences that fit."""
+    for paragraph in re.split(r"\n\s*\n", docstring):
+        text = " ".join(paragraph.split())
+        if not text or _SIGNATURE_LINE.match(text):
+            continue
+        if text.startswith(">>>"):
+            return None, "no summary"
+        if len(text) <= max_chars:
+            return text, ""
+        kept = ""
+        for sentence in _SENTENCE_END.split(text):
+            if len(kept) + len(sentence) + 1 > max_chars:
+                break
+            kept = f"{kept} {sentence}".strip()
+        return (kept, "") if kept else (None, "summary too long")
+    return None, "no summary"
+
+
+def doctest_text(docstring: str) -> str:
+    """The docstring's examples as a clean doctest text (no prose, no indentation), examples marked
+    +SKIP left out. '' if there are none. Parsing here executes nothing."""
+    try:
+        examples = doctest.DocTestParser().get_examples(docstring)
+    except ValueError:  # malformed examples (bad indentation): not runnable as written
+        return ""
+    blocks = []
+    for ex in examples:
+        if ex.options.get(doctest.SKIP):
+            continue
+        lines = ex.source.rstrip("\n").split("\n")
+        source = "\n".join([">>> " + lines[0]] + ["... " + line for line in lines[1:]])
+        blocks.append(source + "\n" + ex.want)
+    return "".join(blocks)
+
+
+def count_doctests(text: str) -> int:
+    return len(doctest.DocTestParser().get_examples(text)) if text else 0
+
+
+def _bound_names(func: ast.AST) -> set[str]:
+    """Names the function binds itself: parameters, assignments, loop/with/except targets, nested defs,
+    local imports (scoping simplified: a name bound anywhere in it counts as local everywhere)."""
+    bound = set()
+    for node in ast.walk(func):
+        if isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            bound.add(node.name)
+    return bound
+
+
+def _free_names(func: ast.FunctionDef) -> set[str]:
+    """Names the function reads from its module: loaded, not bound inside, not builtins."""
+    loaded = {n.id for n in ast.walk(func) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    declared_global = {name for n in ast.walk(func) if isinstance(n, ast.Global) for name in n.names}
+    return (loaded - (_bound_names(func) - declared_global) - _BUILTINS) | declared_global
+
+
+def _module_imports(tree: ast.Module) -> dict[str, str]:
+    """name bound by a top-level absolute import -> one import statement that binds it."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                found.setdefault((a.asname or a.name).split(".")[0], f"import {ast.unparse(a)}")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module != "__future__":
+            for a in node.names:
+                if a.name != "*":
+                    found.setdefault(a.asname or a.name, f"from {node.module} import {ast.unparse(a)}")
+    return found
+
+
+def _function_nodes(body: list[ast.stmt], where: str = "module"):
+    """The functions a module's statements define, as (node, where): "module" for a def directly in the
+    module, "method" for one in a class body, "conditional" for one under a module-level if/try/with/for.
+    Only statements are walked, not function bodies: a def inside a function is part of that function."""
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node, where
+        elif isinstance(node, ast.ClassDef):
+            yield from _function_nodes(node.body, "method")
+        else:
+            for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list):
+                    yield from _function_nodes(inner, "conditional" if where == "module" else where)
+
+
+def _tasks_of_file(doc: Document, tree: ast.Module, *, max_lines: int, min_summary_words: int,
+                   max_summary_chars: int, self_contained: bool, counts: Counter):
+    imports = _module_imports(tree)
+    split = "val" if is_heldout(doc.id) else "train"
+    lines = doc.text.splitlines(keepends=True)
+    for node, where in _function_nodes(tree.body):
+        counts["functions considered"] += 1
+        reason = None
+        docstring = ast.get_docstring(node)
+        body = node.body[1:] if docstring is not None else node.body
+        num_lines = body[-1].end_lineno - body[0].lineno + 1 if body else 0
+        summary, no_summary = _summary(docstring, max_summary_chars) if docstring else (None, "no docstring")
+        if where == "method":
+            reason = "method (needs its class)"
+        elif where == "conditional":
+            reason = "conditional def"
+        elif isinstance(node, ast.AsyncFunctionDef):
+            reason = "async"
+        elif node.decorator_list:
+            reason = "decorated"
+        elif node.name.startswith("__"):
+            reason = "dunder or mangled name"
+        elif node.name.startswith("test"):
+            reason = "test name"
+        elif docstring is None or not docstring.strip():
+            reason = "no docstring"
+        elif summary is None:
+            reason = no_summary
+        elif len(summary.split()) < min_summary_words:
+            reason = "summary too short"
+        elif num_lines < 2:
+            reason = "body too short"
+        elif num_lines > max_lines:
+            reason = "body too long"
+        if reason is None:
+            free = _free_names(node) - {node.name}
+            if self_contained and free - imports.keys():
+                reason = "uses module-level names"
+        if reason is not None:
+            counts[reason] += 1
+            continue
+        needed = sorted({imports[n] for n in free if n in imports})
+        source = textwrap.dedent("".join(lines[node.lineno - 1:node.end_lineno]))
+        solution = "\n".join(needed) + ("\n\n\n" if needed else "") + source.rstrip() + "\n"
+        try:
+            ast.parse(solution)
+        except SyntaxError:
+            counts["does not parse alone"] += 1
+            continue
+        signature = f"{node.name}({ast.unparse(node.args)})"
+        yield CodeTask(id=f"{doc.id}::{node.name}", name=node.name, signature=signature, summary=summary,
+                       prompt=make_prompt(signature, summary), solution=solution,
+                       doctests=doctest_text(docstring), split=split)
+
+
+def extract_tasks(source: Corpus | Iterable[Document] | None = None, *, max_lines: int = 30,
+                  min_summary_words: int = 4, max_summary_chars: int = 200, self_contained: bool = True,
+                  counts: Counter | None = None) -> list[CodeTask]:
+    """Code tasks from a corpus (default: the built-in stdlib corpus) or any iterable of Documents, in
+    corpus order then source order. `counts` (if given) is filled with "kept", "functions considered",
+    every drop reason (per function) and the file-level reasons ("file: ...", per file)."""
+    if counts is None:
+        counts = Counter()
+    if source is None:
+        source = Corpus()
+    documents = source.documents() if isinstance(source, Corpus) else source
+    tasks, seen, seen_ids = [], set(), set()
+    for doc in documents:
+        if not doc.id.endswith(".py"):
+            counts["file: not python"] += 1
+            continue
+        if "test" in doc.id.lower():
+            counts["file: test path"] += 1
+            continue
+        try:
+            with warnings.catch_warnings():  # invalid escape sequences in old sources warn while parsing
+                warnings.simplefilter("ignore")
+                tree = ast.parse(doc.text)
+        except (SyntaxError, ValueError):
+            counts["file: does not parse"] += 1
+            continue
+        counts["files parsed"] += 1
+        for task in _tasks_of_file(doc, tree, max_lines=max_lines, min_summary_words=min_summary_words,
+                                   max_summary_chars=max_summary_chars, self_contained=self_contained,
+                                   counts=counts):
+            key = (task.name, task.summary)
+            if key in seen or task.id in seen_ids:
+                counts["duplicate"] += 1
+                continue
+            seen.add(key)
+            seen_ids.add(task.id)
+            tasks.append(task)
+    counts["kept"] += len(tasks)
+    return tasks
+
+
+def to_messages(task: CodeTask) -> dict:
+    """One OpenAI-style chat row: the prompt and the reference solution."""
+    return {"messages": [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.solution}]}
+
+
+def write_jsonl(tasks: Iterable[CodeTask], path: str | Path) -> int:
+    """The tasks as chat JSONL (what `lmforge sft --data` reads); returns the number of rows."""
+    rows = [json.dumps(to_messages(t), ensure_ascii=False) for t in tasks]
+    atomic_write_text(path, "".join(row + "\n" for row in rows))
+    return len(rows)
+
+
+# ----------------------------------------------------------------------------- checking answers
+
+@dataclass
+class CheckResult:
+    parses: bool
+    defines: bool  # a top-level def (or async def) with exactly the task's name
+    num_doctests: int  # examples in the task's doctests
+    doctests_passed: int
+    reason: str  # "ok", or why it fell short, in a few words
+
+    @property
+    def passed_doctests(self) -> bool:
+        return self.num_doctests > 0 and self.doctests_passed == self.num_doctests
+
+
+# Per answer: the sandbox's defaults (5 s wall, 5 s CPU, 512 MB). A frozen dataclass, so safe to share.
+CHECK_LIMITS = sandbox.Limits()
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(completion: str) -> str:
+    """The code of an answer: the fenced blocks (```python, ```py or bare ```) joined in order when there
+    are any (python-tagged ones preferred over other languages), else the whole text."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(completion)]
+    python = [body for lang, body in blocks if lang in ("python", "py", "python3", "")]
+    chosen = python or [body for _, body in blocks]
+    if not chosen:
+        return completion.strip("\n") + "\n"
+    return "\n".join(body.rstrip() for body in chosen).strip("\n") + "\n"
+
+
+def _defines(tree: ast.Module, name: str) -> bool:
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
+
+
+# The program the sandbox runs: given {"code", "doctests", "name", "nonce"} (the JSON literal `_program`
+# puts before it), it executes the candidate in fresh globals, runs the doctests on those globals,
+# and writes one report line, nonce + JSON, straight to fd 1 (the candidate may have replaced
+# sys.stdout). The nonce keeps a candidate's own prints from passing as the report; a candidate that
+# sets out to forge the report (reading the nonce from the runner's frame) is not defended against:
+# RL rewards from a policy that learns that are to be read with suspicion, as with any in-process checker.
+_RUNNER = r'''
+import doctest, json, os, sys
+
+def _report(nonce, report):
+    os.write(1, ("\n" + nonce + json.dumps(report) + "\n").encode())
+
+def _main(payload):
+    nonce, report = payload["nonce"], {"attempted": 0, "failed": 0, "error": "", "failure": ""}
+    globs = {"__name__": "__codetask__", "__builtins__": __builtins__}
+    try:
+        exec(compile(payload["code"], "<answer>", "exec"), globs)
+    except BaseException as e:
+        report["error"] = (type(e).__name__ + ": " + str(e))[:200]
+        return _report(nonce, report)
+    if not callable(globs.get(payload["name"])):
+        report["error"] = "the name is not a function after running the code"
+        return _report(nonce, report)
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    test = doctest.DocTestParser().get_doctest(payload["doctests"], globs, payload["name"], "<doctests>", 0)
+    failures = []
+    result = doctest.DocTestRunner(verbose=False, optionflags=flags).run(test, out=failures.append)
+    report.update(attempted=result.attempted, failed=result.failed, failure="".join(failures)[:1000])
+    _report(nonce, report)
+
+_main(json.loads(PAYLOAD))
+'''
+
+
+def _program(code: str, task: CodeTask, nonce: str) -> str:
+    """The runner with its input spliced in as one ASCII string literal: ascii() of a str is always a
+    valid Python literal that evaluates back to it (quotes, backslashes, newlines, NULs, surrogates),
+    so no answer can break out of it. (run_many takes programs only, no stdin per program.)"""
+    payload = json.dumps({"code": code, "doctests": task.doctests, "name": task.name, "nonce": nonce})
+    return f"PAYLOAD = {ascii(payload)}\n{_RUNNER}"
+
+
+def _read_report(result: sandbox.SandboxResult, nonce: str) -> dict | None:
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith(nonce):
+            try:
+                return json.loads(line[len(nonce):])
+            except ValueError:
+                return None
+    return None
+
+
+def _static_check(task: CodeTask, code: str) -> CheckResult:
+    num = count_doctests(task.doctests)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(code)
+    except (SyntaxError, ValueError) as e:
+        return CheckResult(False, False, num, 0, f"does not parse: {getattr(e, 'msg', e)}")
+    if not _defines(tree, task.name):
+        return CheckResult(True, False, num, 0, f"does not define `{task.name}`")
+    if num == 0:
+        return CheckResult(True, True, 0, 0, "no doctests")
+    return CheckResult(True, True, num, 0, "doctests not run")
+
+
+def _finish(static: CheckResult, result: sandbox.SandboxResult, nonce: str) -> CheckResult:
+    report = _read_report(result, nonce)
+    if report is None:
+        detail = result.reason if result.reason != "ok" else "no report"
+        tail = result.stderr.strip().splitlines()[-1:] if result.stderr.strip() else []
+        return CheckResult(True, True, static.num_doctests, 0, f"{detail}{': ' + tail[0][:160] if tail else ''}")
+    if report["error"]:
+        return CheckResult(True, True, static.num_doctests, 0, f"error running the code: {report['error']}")
+    passed = report["attempted"] - report["failed"]
+    reason = "ok" if report["failed"] == 0 and passed == static.num_doctests else \
+        f"failed {static.num_doctests - passed} of {static.num_doctests} doctests"
+    return CheckResult(True, True, static.num_doctests, passed, reason)
+
+
+def check_many(tasks: Sequence[CodeTask], completions: Sequence[str], *, run_doctests: bool = True,
+               limits: sandbox.Limits = CHECK_LIMITS, workers: int | None = None) -> list[CheckResult]:
+    """`check` for many answers: the static checks here, then every doctest run as one sandbox batch."""
+    if len(tasks) != len(completions):
+        raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions: give one completion per task")
+    codes = [extract_code(c) for c in completions]
+    results = [_static_check(t, code) for t, code in zip(tasks, codes)]
+    if not run_doctests:
+        return results
+    todo = [i for i, r in enumerate(results) if r.defines and r.num_doctests > 0]
+    nonces = [f"@@codetask:{secrets.token_hex(8)}@@" for _ in todo]
+    programs = [_program(codes[i], tasks[i], nonce) for i, nonce in zip(todo, nonces)]
+    for i, nonce, run in zip(todo, nonces, sandbox.run_many(programs, limits=limits, workers=workers)):
+        results[i] = _finish(results[i], run, nonce)
+    return results
+
+
+def check(task: CodeTask, completion: str, *, run_doctests: bool = True,
+          limits: sandbox.Limits = CHECK_LIMITS) -> CheckResult:
+    """Does the answer parse, define the task's function, and pass the task's doctests (run in the
+    sandbox, against the answer's own globals only)?"""
+    return check_many([task], [completion], run_doctests=run_doctests, limits=limits, workers=1)[0]
+
+
+def reward(result: CheckResult) -> float:
+    """Shaped reward in [0, 1]: 0 for code that does not parse, 0.25 for code that parses, 0.5 once it
+    defines the requested function, plus 0.5 times the fraction of doctests passed. The small steps
+    give a young policy a gradient toward well-formed answers before it can pass anything; the doctests
+    carry half the scale so passing them outweighs any amount of form. A task without doctests tops
+    out at 0.5: nothing about its behaviour is verified (use `verified_doctest_tasks` for RL)."""
+    if not result.parses:
+        return 0.0
+    if not result.defines:
+        return 0.25
+    if result.num_doctests == 0:
+        return 0.5
+    return 0.5 + 0.5 * result.doctests_passed / result.num_doctests
+
+
+def verified_doctest_tasks(tasks: Iterable[CodeTask], *, limits: sandbox.Limits = CHECK_LIMITS,
+                           workers: int | None = None, counts: Counter | None = None) -> list[CodeTask]:
+    """The tasks with doctests that pass when run against their own reference solution alone in the
+    sandbox. Many stdlib doctests need their module (other functions, constants, the module's name)
+    or an environment; a task whose reference cannot pass is not a fair reward, so the doctest reward
+    is measured on these. `counts` gets "verified" and the reason for every task with doctests dropped."""
+    with_doctests = [t for t in tasks if t.doctests]
+    results = check_many(with_doctests, [t.solution for t in with_doctests], limits=limits, workers=workers)
+    kept = []
+    for task, result in zip(with_doctests, results):
+        if result.passed_doctests:
+            kept.append(task)
+        elif counts is not None:
+            counts[re.sub(r"\d+ of \d+ ", "", result.reason.split(":")[0])] += 1
+    if counts is not None:
+        counts["verified"] += len(kept)
+    return kept

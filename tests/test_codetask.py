@@ -1,0 +1,330 @@
+"""The stdlib code domain: which functions become tasks (and why the rest do not), the prompts they
+make, the split, and answers checked in the sandbox: parse, define, doctests, timeouts, reward."""
+
+import json
+import time
+from collections import Counter
+
+import pytest
+
+from lmforge.codetask import (
+    CodeTask,
+    check,
+    check_many,
+    extract_code,
+    extract_tasks,
+    make_prompt,
+    reward,
+    verified_doctest_tasks,
+    write_jsonl,
+)
+from lmforge.conversations import read_conversations
+from lmforge.corpus import Document, is_heldout
+from lmforge.sandbox import Limits
+
+MODULE = '''
+import math
+from os import path as osp
+
+LIMIT = 3
+
+
+def clamp(x, lo=0, hi=3):
+    """Return x limited to the range [lo, hi].
+
+    >>> clamp(5, 0, 3)
+    3
+    >>> [clamp(v, 0, 3) for v in (-1, 2)]
+    [0, 2]
+    """
+    low = max(lo, x)
+    return min(hi, low)
+
+
+def hypot2(a, b):
+    """Compute the length of the hypotenuse of a right triangle."""
+    s = a * a + b * b
+    return math.sqrt(s)
+
+
+def _first_key(mapping):
+    """Return the smallest key of a non-empty mapping."""
+    keys = sorted(mapping)
+    return keys[0]
+
+
+def __getattr__(name):
+    """Look up a lazily created module attribute."""
+    value = name.upper()
+    return value
+
+
+def no_doc(x):
+    y = x + 1
+    return y
+
+
+def one_liner(x):
+    """Return x plus one, in a single line."""
+    return x + 1
+
+
+def too_long(x):
+    """Return x after counting up through many lines."""
+    x += 1
+    x += 1
+    x += 1
+    x += 1
+    x += 1
+    return x
+
+
+def test_clamp():
+    """Check that clamp limits values to the range."""
+    assert clamp(5) == 3
+    assert clamp(-1) == 0
+
+
+def terse(x):
+    """Do it."""
+    y = x
+    return y
+
+
+def uses_helper(x, hi=LIMIT):
+    """Return the first key of x after clamping it."""
+    y = clamp(x)
+    return _first_key({y: 1})
+
+
+def base(p):
+    """Return the last component of the path p."""
+    parts = osp.split(p)
+    return parts[1]
+
+
+@staticmethod
+def decorated(x):
+    """Return x unchanged by the decorator here."""
+    y = x
+    return y
+
+
+async def fetch(x):
+    """Fetch x over the network, asynchronously."""
+    y = x
+    return y
+
+
+if math.pi > 3:
+    def variant(x):
+        """Return x on platforms where pi is large."""
+        y = x
+        return y
+
+
+class Box:
+    def size(self):
+        """Return the number of items in the box."""
+        n = len(self.items)
+        return n
+'''
+
+
+def module_docs():
+    return [Document("pkg/mod.py", MODULE), Document("pkg/copy_of_mod.py", MODULE),
+            Document("pkg/tests/test_mod.py", MODULE), Document("notes.txt", "def f(): pass"),
+            Document("pkg/broken.py", "def f(:\n")]
+
+
+def test_extraction_keeps_the_right_functions_and_counts_every_drop():
+    counts = Counter()
+    tasks = extract_tasks(module_docs(), max_lines=5, counts=counts)
+    assert [t.id for t in tasks] == ["pkg/mod.py::clamp", "pkg/mod.py::hypot2", "pkg/mod.py::_first_key",
+                                     "pkg/mod.py::base"]
+    per_file = {"dunder or mangled name": 1, "no docstring": 1, "body too short": 1, "body too long": 1,
+                "test name": 1, "summary too short": 1, "uses module-level names": 1, "decorated": 1,
+                "async": 1, "conditional def": 1, "method (needs its class)": 1}
+    # two copies of the module were parsed: the second one's kept functions are duplicates
+    assert counts == Counter({**{k: 2 * v for k, v in per_file.items()}, "duplicate": 4, "kept": 4,
+                              "functions considered": 30, "files parsed": 2, "file: test path": 1,
+                              "file: not python": 1, "file: does not parse": 1})
+    clamp, hypot2, _, base = tasks
+    assert clamp.signature == "clamp(x, lo=0, hi=3)" and clamp.name == "clamp"
+    assert clamp.summary == "Return x limited to the range [lo, hi]."
+    assert clamp.solution.startswith('def clamp(x, lo=0, hi=3):\n    """Return x limited')
+    assert clamp.solution.endswith("    return min(hi, low)\n")
+    assert clamp.doctests == ">>> clamp(5, 0, 3)\n3\n>>> [clamp(v, 0, 3) for v in (-1, 2)]\n[0, 2]\n"
+    # the imports a function needs come with it, so the solution runs on its own
+    assert hypot2.solution.startswith("import math\n\n\ndef hypot2(a, b):") and hypot2.doctests == ""
+    assert base.solution.startswith("from os import path as osp\n\n\ndef base(p):")
+    # with self_contained=False the function that calls its module's helpers is kept as well
+    loose = extract_tasks(module_docs()[:1], max_lines=5, self_contained=False)
+    assert "uses_helper" in [t.name for t in loose] and len(loose) == 5
+
+
+def test_prompts_read_as_sentences():
+    tasks = {t.name: t for t in extract_tasks(module_docs()[:1], max_lines=5)}
+    assert tasks["clamp"].prompt == "Write a Python function `clamp(x, lo=0, hi=3)` that returns x limited " \
+                                    "to the range [lo, hi]."
+    assert tasks["hypot2"].prompt.startswith("Write a Python function `hypot2(a, b)` that computes the length")
+    assert make_prompt("f(x)", "Copy x and return the copy:") == "Write a Python function `f(x)` that copies x " \
+                                                                 "and returns the copy."
+    assert make_prompt("f(x)", "Recursively walk x") == "Write a Python function `f(x)` that recursively walks x."
+    assert make_prompt("f(x)", "Returns True if x is odd.") == "Write a Python function `f(x)` that returns True " \
+                                                               "if x is odd."
+    assert make_prompt("f(x)", "Do the thing. Then return it.") == "Write a Python function `f(x)` that does the " \
+                                                                   "thing. Then return it."
+    # not a verb (or a verb used as a noun): quoted after a colon rather than mangled
+    assert make_prompt("f(x)", "Same as g, but faster.") == "Write a Python function `f(x)` matching this " \
+                                                            "description: Same as g, but faster."
+    assert make_prompt("f(x)", "List of the names in x") == "Write a Python function `f(x)` matching this " \
+                                                            "description: List of the names in x."
+
+
+def test_summary_is_the_first_paragraph_that_says_something():
+    long = " ".join(["word"] * 50)
+    text = f'''
+def getopt(args, options):
+    """getopt(args, options) -> opts, args
+
+    Parse command line options and parameter list.
+    Only short options are supported.
+
+    Long options come later.
+    """
+    opts = []
+    return opts, args
+
+
+def lengthy(x):
+    """Return x doubled, which is the first sentence. Then {long}.
+
+    More here.
+    """
+    y = x
+    return 2 * y
+
+
+def rambling(x):
+    """Return x {long} {long}."""
+    y = x
+    return y
+'''
+    counts = Counter()
+    tasks = {t.name: t for t in extract_tasks([Document("m.py", text)], counts=counts)}
+    assert tasks["getopt"].summary == "Parse command line options and parameter list. Only short options are supported."
+    assert tasks["lengthy"].summary == "Return x doubled, which is the first sentence."
+    assert "rambling" not in tasks and counts["summary too long"] == 1
+
+
+def test_split_is_the_corpus_hash_split_of_the_file():
+    ids = [f"pkg/mod{i}.py" for i in range(200)]
+    held, kept = next(i for i in ids if is_heldout(i)), next(i for i in ids if not is_heldout(i))
+    tasks = extract_tasks([Document(held, MODULE), Document(kept, MODULE.replace("clamp", "limit"))], max_lines=5)
+    splits = {t.id: t.split for t in tasks}
+    assert splits[f"{held}::clamp"] == "val" and splits[f"{kept}::limit"] == "train"
+    assert {s for i, s in splits.items() if i.startswith(held)} == {"val"}
+
+
+def test_jsonl_rows_are_chat_conversations_sft_reads(tmp_path):
+    tasks = extract_tasks(module_docs(), max_lines=5)
+    path = tmp_path / "code.jsonl"
+    assert write_jsonl(tasks, path) == len(tasks)
+    conversations, _, _ = read_conversations(path, on_error="raise")
+    assert [c[0]["content"] for c in conversations] == [t.prompt for t in tasks]
+    assert [c[1]["content"] for c in conversations] == [t.solution for t in tasks]
+
+
+def test_extract_code_takes_fenced_or_bare_code():
+    code = "def f(x):\n    return x\n"
+    assert extract_code(code) == code
+    assert extract_code(f"Here it is:\n```python\n{code}```\nIt returns x.") == code
+    assert extract_code(f"```\n{code}```") == code
+    assert extract_code(f"```py\n{code}") == code  # the answer ran out before the closing fence
+    assert extract_code(f"```python\nimport os\n```\nthen\n```python\n{code}```") == "import os\n" + code
+    assert extract_code(f"```text\nusage\n```\n```python\n{code}```") == code  # python blocks preferred
+
+
+@pytest.fixture(scope="module")
+def clamp_task():
+    return extract_tasks(module_docs()[:1], max_lines=5)[0]
+
+
+FAST = Limits(timeout_s=2.0, cpu_s=2)
+
+
+def test_check_runs_doctests_and_reward_orders_answers(clamp_task):
+    answers = {
+        "correct": "```python\ndef clamp(x, lo=0, hi=3):\n    return max(lo, min(hi, x))\n```",
+        "half": "def clamp(x, lo=0, hi=3):\n    return min(hi, x)\n",  # passes the first example only
+        "wrong": "def clamp(x, lo=0, hi=3):\n    return x\n",
+        "crashes": "import nothing_of_that_name\ndef clamp(x, lo=0, hi=3):\n    return x\n",
+        "other name": "def limit(x, lo=0, hi=3):\n    return max(lo, min(hi, x))\n",
+        "no parse": "def clamp(x, lo=0, hi=3)\n    return x\n",
+    }
+    results = dict(zip(answers, check_many([clamp_task] * len(answers), list(answers.values()), limits=FAST)))
+    assert results["correct"].passed_doctests and results["correct"].reason == "ok"
+    assert (results["half"].num_doctests, results["half"].doctests_passed) == (2, 1)
+    assert results["wrong"].doctests_passed == 0 and not results["wrong"].passed_doctests
+    assert "ModuleNotFoundError" in results["crashes"].reason and results["crashes"].doctests_passed == 0
+    assert results["other name"].parses and not results["other name"].defines
+    assert not results["no parse"].parses
+    scores = {k: reward(r) for k, r in results.items()}
+    assert scores == {"correct": 1.0, "half": 0.75, "wrong": 0.5, "crashes": 0.5, "other name": 0.25,
+                      "no parse": 0.0}
+    # the reference solution itself passes; without running, nothing is credited beyond form
+    assert check(clamp_task, clamp_task.solution, limits=FAST).passed_doctests
+    assert reward(check(clamp_task, clamp_task.solution, run_doctests=False)) == 0.5
+
+
+def test_a_hanging_or_lying_answer_fails_without_hanging(clamp_task):
+    hang = "def clamp(x, lo=0, hi=3):\n    while True:\n        pass\n"
+    # prints what a report might look like and leaves before the runner can write the real one
+    forge = ('import os\nprint(\'{"attempted": 2, "failed": 0, "error": "", "failure": ""}\')\n'
+             "def clamp(x, lo=0, hi=3):\n    return x\nos._exit(0)\n")
+    start = time.perf_counter()
+    hung, forged = check_many([clamp_task, clamp_task], [hang, forge], limits=Limits(timeout_s=1.0, cpu_s=1))
+    assert time.perf_counter() - start < 8
+    assert hung.defines and hung.doctests_passed == 0 and "timeout" in hung.reason
+    assert forged.doctests_passed == 0 and reward(forged) == 0.5
+
+
+def test_code_with_quotes_backslashes_and_unicode_reaches_the_sandbox_intact():
+    solution = ('def tag(s):\n    """Wrap s in quotes.\n\n    >>> print(tag("café"))\n    \'\'\'café\\\\n\'\'\'\n'
+                '    """\n    q = "\'\'\'"\n    return q + s + "\\\\n" + q\n')
+    task = CodeTask(id="m.py::tag", name="tag", signature="tag(s)", summary="Wrap s in quotes.", prompt="",
+                    solution=solution, doctests=">>> print(tag('café'))\n'''café\\n'''\n", split="train")
+    assert check(task, solution, limits=FAST).passed_doctests
+
+
+def test_verified_tasks_drop_doctests_that_need_their_module(clamp_task):
+    needs_module = '''
+LIMIT = 3
+
+
+def clip(x, hi):
+    """Return x, but no larger than hi.
+
+    >>> clip(7, LIMIT)
+    3
+    """
+    y = min(x, hi)
+    return y
+'''
+    tasks = extract_tasks([Document("pkg/clip.py", needs_module)]) + [clamp_task]
+    assert [t.name for t in tasks] == ["clip", "clamp"] and tasks[0].doctests
+    counts = Counter()
+    assert verified_doctest_tasks(tasks, limits=FAST, counts=counts) == [clamp_task]
+    assert counts["verified"] == 1 and sum(counts.values()) == 2
+
+
+def test_the_stdlib_gives_hundreds_of_tasks():
+    counts = Counter()
+    tasks = extract_tasks(counts=counts)  # about 4 s: every stdlib module parsed once
+    splits = Counter(t.split for t in tasks)
+    assert splits["train"] >= 300 and splits["val"] >= 1
+    assert len({t.id for t in tasks}) == len(tasks) == counts["kept"]
+    assert sum(bool(t.doctests) for t in tasks) >= 5
+    assert all(t.prompt.startswith(f"Write a Python function `{t.signature}`") for t in tasks)
+    assert json.dumps([t.solution for t in tasks])  # plain text, no surrogates
