@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.common import LmforgeError
+from lmforge.corpus import is_heldout
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED = 20  # bad lines printed one by one; the rest are only counted
@@ -63,6 +64,18 @@ def chat_stop_ids(tokenizer) -> set[int]:
     ids = {getattr(tokenizer, "eos_id", None), getattr(tokenizer, "bos_id", None),
            getattr(tokenizer, "special_ids", {}).get("<|assistant_end|>")}
     return {i for i in ids if i is not None}
+
+
+def held_out(example, fraction: float) -> bool:
+    """Deterministic validation slice of post-training data: the corpus's hash split (corpus.is_heldout)
+    applied to the example's canonical JSON, so it never depends on file order."""
+    return is_heldout(json.dumps(example, sort_keys=True), fraction)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding rows are filled with (it is never a target): the tokenizer's pad, else 0."""
+    pad = getattr(tokenizer, "pad_id", None)
+    return pad if pad is not None else 0
 
 
 def check_messages(messages) -> str | None:

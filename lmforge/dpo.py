@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import load_model, save_model_folder
 from lmforge.common import LmforgeError, atomic_write_text, autocast, get_device, print0, resolve_dtype, seed_everything
-from lmforge.conversations import Preference, read_preferences, render
+from lmforge.conversations import Preference, held_out, pad_token_id, read_preferences, render
 from lmforge.posttrain import FitConfig, fit, pad_rows
 from lmforge.tokenizer import load_tokenizer
 
@@ -46,7 +46,7 @@ def pair_tensors(tokenizer, pairs: list[Preference], context: int, counts: dict,
     counts[prefix + "too_long_dropped"] = len(pairs) - len(kept)
     if not kept:
         return {}
-    pad = getattr(tokenizer, "pad_id", None) or 0
+    pad = pad_token_id(tokenizer)
     chosen_inputs, chosen_targets = pad_rows([c for c, _ in kept], pad)
     rejected_inputs, rejected_targets = pad_rows([r for _, r in kept], pad)
     T = max(chosen_inputs.size(1), rejected_inputs.size(1))  # one width for both, so they share a forward pass
@@ -109,14 +109,20 @@ class DPOConfig:
     fit: FitConfig = field(default_factory=lambda: FitConfig(out_dir="runs/dpo", lr=5e-5, epochs=1.0))
 
 
-def split_pairs(pairs: list[Preference], fraction: float) -> tuple[list[Preference], list[Preference]]:
-    """Deterministic held-out slice by a hash of the prompt, so one prompt's pairs stay on one side."""
-    import hashlib
-
-    def held_out(p: Preference) -> bool:
-        digest = hashlib.sha256(json.dumps(p.prompt, sort_keys=True).encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-    return [p for p in pairs if not held_out(p)], [p for p in pairs if held_out(p)]
+def read_pair_splits(data: str, val_data: str | None, val_fraction: float,
+                     on_bad_line: str) -> tuple[list[Preference], list[Preference], dict]:
+    """Training and held-out pairs: `val_data`, else a slice of `data` by a hash of the prompt (so one
+    prompt's pairs stay on one side); each file's report printed. Returns the bad-line counts too."""
+    pairs, report = read_preferences(data, on_error=on_bad_line)
+    print0(report.summary())
+    if val_data:
+        val_pairs, val_report = read_preferences(val_data, on_error=on_bad_line)
+        print0(val_report.summary())
+    else:
+        is_val = [held_out(p.prompt, val_fraction) for p in pairs]
+        val_pairs = [p for p, v in zip(pairs, is_val) if v]
+        pairs = [p for p, v in zip(pairs, is_val) if not v]
+    return pairs, val_pairs, dict(report.skipped)
 
 
 def dpo(folder: Path, tokenizer_path: Path, cfg: DPOConfig) -> dict:
@@ -127,18 +133,12 @@ def dpo(folder: Path, tokenizer_path: Path, cfg: DPOConfig) -> dict:
     device = get_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(tokenizer_path)
-    pairs, report = read_preferences(cfg.data, on_error=cfg.on_bad_line)
-    print0(report.summary())
-    if cfg.val_data:
-        val_pairs, val_report = read_preferences(cfg.val_data, on_error=cfg.on_bad_line)
-        print0(val_report.summary())
-    else:
-        pairs, val_pairs = split_pairs(pairs, cfg.val_fraction)
+    pairs, val_pairs, bad_lines = read_pair_splits(cfg.data, cfg.val_data, cfg.val_fraction, cfg.on_bad_line)
 
     reference = load_model(folder, device)
     reference.requires_grad_(False)
     context = cfg.seq_len or min(reference.config.max_position_embeddings, 1024)
-    counts: dict = {"train_pairs": len(pairs), "val_pairs": len(val_pairs), "bad_lines": dict(report.skipped)}
+    counts: dict = {"train_pairs": len(pairs), "val_pairs": len(val_pairs), "bad_lines": bad_lines}
     train = pair_tensors(tokenizer, pairs, context, counts)
     val = pair_tensors(tokenizer, val_pairs, context, counts, "val_") or None
     if not train:

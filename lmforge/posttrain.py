@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -148,8 +149,6 @@ def fit(model: torch.nn.Module, train: Batch, val: Batch | None, loss_fn: LossFn
         device: torch.device, dtype: torch.dtype, resume: bool = False, stage: str = "train") -> dict:
     """Train the parameters of `model` that require grad on `train` (tensors sharing a first
     dimension, e.g. inputs and targets); return a summary with the final held-out figures."""
-    from pathlib import Path
-
     out_dir = Path(cfg.out_dir)
     num_rows = next(iter(train.values())).size(0)
     sampler = EpochSampler(num_rows, cfg.batch_size, cfg.seed)

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lmforge.checkpoint import load_model, save_model_folder
-from lmforge.common import LmforgeError, atomic_write_text, get_device, print0, resolve_dtype, seed_everything
-from lmforge.conversations import read_preferences
-from lmforge.dpo import pair_tensors, split_pairs
+from lmforge.common import LmforgeError, atomic_write_text, get_device, resolve_dtype, seed_everything
+from lmforge.conversations import pad_token_id
+from lmforge.dpo import pair_tensors, read_pair_splits
 from lmforge.posttrain import FitConfig, fit
 from lmforge.tokenizer import load_tokenizer
 
@@ -105,16 +105,11 @@ def train_reward_model(folder: Path, tokenizer_path: Path, cfg: RewardConfig) ->
     device = get_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(tokenizer_path)
-    pairs, report = read_preferences(cfg.data, on_error=cfg.on_bad_line)
-    print0(report.summary())
-    if cfg.val_data:
-        val_pairs, _ = read_preferences(cfg.val_data, on_error=cfg.on_bad_line)
-    else:
-        pairs, val_pairs = split_pairs(pairs, cfg.val_fraction)
+    pairs, val_pairs, bad_lines = read_pair_splits(cfg.data, cfg.val_data, cfg.val_fraction, cfg.on_bad_line)
     body = load_model(folder, device, dtype=torch.float32)
     context = cfg.seq_len or min(body.config.max_position_embeddings, 1024)
-    counts: dict = {"train_pairs": len(pairs), "val_pairs": len(val_pairs), "bad_lines": dict(report.skipped)}
-    pad = getattr(tokenizer, "pad_id", None) or 0
+    counts: dict = {"train_pairs": len(pairs), "val_pairs": len(val_pairs), "bad_lines": bad_lines}
+    pad = pad_token_id(tokenizer)
     train = pair_tensors(tokenizer, pairs, context - 1, counts)  # one column is added for the last token
     val = pair_tensors(tokenizer, val_pairs, context - 1, counts, "val_")
     if not train:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model_folder
 from lmforge.common import LmforgeError, atomic_write_text, autocast, get_device, print0, resolve_dtype, seed_everything
-from lmforge.conversations import chat_template, render_template
+from lmforge.conversations import chat_template, pad_token_id, render_template
 from lmforge.optim import build_optimizers, lr_multiplier, set_lr
 from lmforge.posttrain import pad_rows
 from lmforge.tokenizer import load_tokenizer
@@ -71,6 +71,8 @@ def final_number(text: str) -> str | None:
 
 def math_items(path: str | Path) -> list[Item]:
     """GSM8K-style JSONL: {"question", "answer"} with the final answer after '####'."""
+    if not Path(path).is_file():
+        raise LmforgeError(f"{path}: no such file; give a JSONL of {{'question', 'answer'}} lines (GSM8K's form)")
     items = []
     for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -93,11 +95,25 @@ def math_reward(items: list[Item], answers: list[str], ended: list[bool]) -> lis
     return [float(done and final_number(a) == item.payload) for item, a, done in zip(items, answers, ended)]
 
 
-def code_items(split: str) -> list[Item]:
-    """The built-in code domain: stdlib functions to write from their signature and docstring (codetask)."""
+def math_task(data: str | None, eval_prompts: int) -> tuple[list[Item], list[Item]]:
+    """Training and held-out questions: the file's last eval_prompts (none if that would leave fewer
+    for training)."""
+    if not data:
+        raise LmforgeError("--task math needs --data: a JSONL of {'question', 'answer'} lines (GSM8K's form)")
+    items = math_items(data)
+    held_out = items[-eval_prompts:] if len(items) > 2 * eval_prompts else []
+    return items[:len(items) - len(held_out)], held_out
+
+
+def code_task(data: str | None, eval_prompts: int) -> tuple[list[Item], list[Item]]:
+    """The built-in code domain: stdlib functions to write from their signature and docstring (codetask),
+    split as the corpus splits their files."""
     from lmforge.codetask import extract_tasks
 
-    return [Item([{"role": "user", "content": t.prompt}], t) for t in extract_tasks() if t.split == split]
+    tasks = extract_tasks()  # read once: it parses the whole standard library
+    items = {split: [Item([{"role": "user", "content": t.prompt}], t) for t in tasks if t.split == split]
+             for split in ("train", "val")}
+    return items["train"], items["val"][:eval_prompts]
 
 
 def code_reward(items: list[Item], answers: list[str], ended: list[bool]) -> list[float]:
@@ -109,7 +125,8 @@ def code_reward(items: list[Item], answers: list[str], ended: list[bool]) -> lis
     return [reward(r) if done else 0.0 for r, done in zip(results, ended)]
 
 
-TASKS = {"math": (math_items, math_reward), "code": (code_items, code_reward)}
+# task -> (load(data, eval_prompts) -> (training items, held-out items), reward function)
+TASKS = {"math": (math_task, math_reward), "code": (code_task, code_reward)}
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -125,6 +142,16 @@ def group_advantages(rewards: torch.Tensor, scale: bool = False) -> torch.Tensor
 def token_logps(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) at every position (B, T), 0 where the target is ignored (-1)."""
     return -model(inputs, targets, loss_reduction="none").float()
+
+
+@torch.no_grad()
+def frozen_logps(model, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int, device,
+                 dtype) -> torch.Tensor:
+    """token_logps over a whole batch (N, T), micro-batch by micro-batch, without gradients (on the CPU)."""
+    with autocast(device, dtype):
+        return torch.cat([token_logps(model, inputs[i:i + micro_batch].to(device),
+                                      targets[i:i + micro_batch].to(device)).cpu()
+                          for i in range(0, inputs.size(0), micro_batch)])
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -212,15 +239,8 @@ def rl(folder: Path, tokenizer_path: Path, cfg: RLConfig, *, resume: bool = Fals
 
     if cfg.task not in TASKS:
         raise LmforgeError(f"--task {cfg.task}: choose one of {', '.join(TASKS)}")
-    make_items, reward_fn = TASKS[cfg.task]
-    if cfg.task == "math":
-        if not cfg.data:
-            raise LmforgeError("--task math needs --data: a JSONL of {'question', 'answer'} lines (GSM8K's form)")
-        items = make_items(cfg.data)
-        held_out = items[-cfg.eval_prompts:] if len(items) > 2 * cfg.eval_prompts else []
-        train_items = items[:len(items) - len(held_out)]
-    else:
-        train_items, held_out = make_items("train"), make_items("val")[:cfg.eval_prompts]
+    load_items, reward_fn = TASKS[cfg.task]
+    train_items, held_out = load_items(cfg.data, cfg.eval_prompts)
     if not train_items:
         raise LmforgeError(f"--task {cfg.task}: no training prompts")
     seed_everything(cfg.seed)
@@ -266,7 +286,7 @@ def rl(folder: Path, tokenizer_path: Path, cfg: RLConfig, *, resume: bool = Fals
     last_eval = first
     order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, unit="step", desc="rl", dynamic_ncols=True)
-    pad = getattr(tokenizer, "pad_id", None) or 0
+    pad = pad_token_id(tokenizer)
     while step < cfg.steps:
         t0 = time.perf_counter()
         picks = [order[(step * cfg.prompts_per_step + i) % len(order)] for i in range(cfg.prompts_per_step)]
@@ -299,20 +319,20 @@ def rl(folder: Path, tokenizer_path: Path, cfg: RLConfig, *, resume: bool = Fals
             inputs, targets = pad_rows(examples, pad)
             adv_t = torch.tensor(adv)
             mask = targets >= 0
-            with torch.no_grad(), autocast(device, dtype):
-                chunks = range(0, len(examples), cfg.micro_batch)
-                old = torch.cat([token_logps(model, inputs[i:i + cfg.micro_batch].to(device),
-                                             targets[i:i + cfg.micro_batch].to(device)).cpu() for i in chunks])
-                ref = None if reference is None else torch.cat([token_logps(
-                    reference, inputs[i:i + cfg.micro_batch].to(device),
-                    targets[i:i + cfg.micro_batch].to(device)).cpu() for i in chunks])
+            # With one update per batch pi_old is the policy itself: its log-probs are the live ones, detached,
+            # and no extra forward pass is needed. Several updates need them frozen before the first.
+            old = frozen_logps(model, inputs, targets, cfg.micro_batch, device, dtype) \
+                if cfg.updates_per_step > 1 else None
+            ref = None if reference is None else frozen_logps(reference, inputs, targets, cfg.micro_batch, device,
+                                                              dtype)
             for _ in range(cfg.updates_per_step):
                 kl_sum = 0.0
                 for i in range(0, len(examples), cfg.micro_batch):
                     s = slice(i, i + cfg.micro_batch)
                     with autocast(device, dtype):
                         logps = token_logps(model, inputs[s].to(device), targets[s].to(device))
-                    loss, kl = policy_loss(logps, old[s].to(device), adv_t[s].to(device), mask[s].to(device),
+                    old_s = logps.detach() if old is None else old[s].to(device)
+                    loss, kl = policy_loss(logps, old_s, adv_t[s].to(device), mask[s].to(device),
                                            cfg.clip_eps, None if ref is None else ref[s].to(device), cfg.kl_coef)
                     (loss / len(examples)).backward()
                     kl_sum += kl.item()

@@ -16,7 +16,6 @@ take it with --run; with LoRA, `adapter/` holds the adapters alone in PEFT's lay
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from lmforge.checkpoint import load_model, save_model_folder
 from lmforge.common import LmforgeError, atomic_write_text, get_device, print0, resolve_dtype, seed_everything
-from lmforge.conversations import read_conversations, render
+from lmforge.conversations import held_out, pad_token_id, read_conversations, render
 from lmforge.posttrain import FitConfig, fit, fit_to_context, pack
 from lmforge.tokenizer import load_tokenizer
 
@@ -62,19 +61,13 @@ def load_settings(out_dir: str | Path) -> tuple[Path, Path, SFTConfig]:
     return Path(saved["base"]), Path(saved["tokenizer"]), cfg
 
 
-def _is_val(messages: list[dict], fraction: float) -> bool:
-    digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
 def build_rows(tokenizer, conversations: list[list[dict]], seq_len: int, too_long: str,
                counts: dict) -> dict[str, torch.Tensor]:
     """Rendered, context-fitted and packed conversations: {"inputs", "targets"} (rows, seq_len)."""
     examples = fit_to_context([render(tokenizer, c) for c in conversations], seq_len, too_long, counts)
     if not examples:
         return {}
-    pad = getattr(tokenizer, "pad_id", None)
-    inputs, targets = pack(examples, seq_len, pad if pad is not None else 0)
+    inputs, targets = pack(examples, seq_len, pad_token_id(tokenizer))
     counts["trained_tokens"] = counts.get("trained_tokens", 0) + int((targets >= 0).sum())
     return {"inputs": inputs, "targets": targets}
 
@@ -101,8 +94,9 @@ def sft(folder: Path, tokenizer_path: Path, cfg: SFTConfig, *, resume: bool = Fa
         val_conversations, _, val_report = read_conversations(cfg.val_data, on_error=cfg.on_bad_line)
         print0(val_report.summary())
     else:
-        val_conversations = [c for c in conversations if _is_val(c, cfg.val_fraction)]
-        conversations = [c for c in conversations if not _is_val(c, cfg.val_fraction)]
+        is_val = [held_out(c, cfg.val_fraction) for c in conversations]
+        val_conversations = [c for c, v in zip(conversations, is_val) if v]
+        conversations = [c for c, v in zip(conversations, is_val) if not v]
     counts: dict = {"train_conversations": len(conversations), "val_conversations": len(val_conversations),
                     "bad_lines": dict(report.skipped)}
     train = build_rows(tokenizer, conversations, seq_len, cfg.too_long, counts)

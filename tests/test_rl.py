@@ -74,7 +74,7 @@ def test_a_short_run_raises_a_programmatic_reward(tmp_path, monkeypatch, tokeniz
 
     def reward(batch_items, answers, ended):
         return [sum(t == target for t in tokenizer.encode(a)) / max(1, len(tokenizer.encode(a))) for a in answers]
-    monkeypatch.setitem(rl_module.TASKS, "toy", (lambda data: items, reward))
+    monkeypatch.setitem(rl_module.TASKS, "toy", (lambda data, eval_prompts: (items, items[:eval_prompts]), reward))
     cfg = RLConfig(task="toy", data="unused", out_dir=str(tmp_path / "rl"), steps=12, prompts_per_step=4,
                    group_size=8, max_tokens=8, lr=1e-2, warmup_steps=1, eval_every=100, eval_prompts=8, ckpt_every=100,
                    device="cpu", dtype="fp32", progress=False)
