@@ -233,17 +233,22 @@ class KeyStore:
                                "for PostgreSQL: pip install 'psycopg[binary]'") from None
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.create_tables(metadata)
+        self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
+
+    def create_tables(self, tables: sa.MetaData) -> None:
+        """Create the tables of `tables` that do not exist yet (other modules keep their own tables,
+        e.g. feedback.py's stored responses, in this database through this call)."""
         try:
             with self.engine.begin() as conn:
                 if self.dialect == "postgresql":
                     # Replicas starting together would race to CREATE TABLE; DDL is transactional in
                     # PostgreSQL, so one transaction-scoped lock serialises them.
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(7240818)"))
-                metadata.create_all(conn)
+                tables.create_all(conn)
         except sa_exc.DBAPIError as e:
             raise LmforgeError(f"cannot open the database {self.url!r}: {str(e.orig).strip().splitlines()[0]}; "
                                "check the URL (--db or LMFORGE_DB) and that the server is running") from None
-        self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
 
     def close(self) -> None:
         self.engine.dispose()

@@ -23,10 +23,13 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_args(sub) -> None:
-    p = sub.add_parser("run", help="the main job: corpus -> tokenizer -> pretrain -> eval -> samples -> report",
+    p = sub.add_parser("run", help="the main job: corpus -> tokenizer -> pretrain -> eval -> samples -> chat SFT "
+                                   "-> report",
                        description="Train a small language model from nothing and write a run folder with the "
                                    "tokenizer, checkpoints, metrics, samples and report.md. By default the corpus "
-                                   "is this Python's own standard library sources plus pydoc topics.")
+                                   "is this Python's own standard library sources plus pydoc topics, and a last "
+                                   "stage fine-tunes the model into a chat model (chat/) that writes functions "
+                                   "on request, measured on held-out requests beside the base model.")
     p.add_argument("--corpus", default="stdlib", help="'stdlib' (default, built in), a folder of text files, "
                                                       "a text file or a JSONL file with a 'text' field")
     p.add_argument("--minutes", type=float, default=None,
@@ -36,6 +39,7 @@ def _add_run_args(sub) -> None:
     p.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--no-chat", action="store_true", help="skip the SFT stage (it runs on the stdlib corpus only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -185,11 +189,26 @@ def _add_preference_args(sub) -> None:
             ("reward-model", "train a Bradley-Terry reward model on preference pairs",
              "A Bradley-Terry reward model (the model's body and a scalar head) trained on the "
              "pairs; reports held-out accuracy.", {"lr": 1e-4, "epochs": 1.0})):
+        if name == "dpo":
+            text += (" --from-feedback makes the pairs from the feedback `lmforge serve` stored (POST /v1/feedback): "
+                     "a preferred answer beats the answer it replaces; an up-rated answer beats a down-rated answer "
+                     "to the same prompt.")
         p = sub.add_parser(name, help=short,
                            description=text + " Data: JSONL of {'prompt', 'chosen', 'rejected'}; prompt is a "
                                               "string or a message list.")
         _add_model_source(p)
-        p.add_argument("--data", required=True, help="preference JSONL")
+        if name == "dpo":
+            source = p.add_mutually_exclusive_group(required=True)
+            source.add_argument("--data", help="preference JSONL")
+            source.add_argument("--from-feedback", nargs="?", const="", metavar="DB_URL",
+                                help="pairs from the server's stored feedback in this database (default: --db, "
+                                     "else LMFORGE_DB, else SQLite under ~/.lmforge)")
+            p.add_argument("--db", metavar="URL", help="with --from-feedback: the server's database (SQLAlchemy URL)")
+            p.add_argument("--write-pairs", metavar="FILE", help="with --from-feedback: where the pairs are "
+                                                                 "written as preference JSONL, to read or reuse "
+                                                                 "(default: OUT/feedback_pairs.jsonl)")
+        else:
+            p.add_argument("--data", required=True, help="preference JSONL")
         p.add_argument("--out", required=True, help="output run folder")
         p.add_argument("--val-data", help="held-out JSONL (default: a 10%% hash slice of --data by prompt)")
         p.add_argument("--seq-len", type=int, default=None, help="longest prompt + answer kept (default: context, "
@@ -256,8 +275,9 @@ def _add_serve_args(sub) -> None:
     p.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size per worker, in GiB")
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight per worker before 503s")
-    p.add_argument("--db", default=None, help="key store and usage ledger: SQLAlchemy URL (default: LMFORGE_DB or "
-                                              "SQLite under ~/.lmforge); postgresql+psycopg://... for replicas")
+    p.add_argument("--db", default=None, help="key store, usage ledger, stored responses and feedback: SQLAlchemy "
+                                              "URL (default: LMFORGE_DB or SQLite under ~/.lmforge); "
+                                              "postgresql+psycopg://... for replicas")
     p.add_argument("--redis", default=None, help="redis://host:port/db for rate limits shared by replicas "
                                                  "(default: per process)")
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (local experiments only)")
@@ -363,7 +383,7 @@ def cmd_run(args) -> None:
     from lmforge.run import run
 
     run(name=args.name, corpus=args.corpus, minutes=args.minutes, tiny=args.tiny, seed=args.seed,
-        device=args.device, runs_dir=args.runs_dir, progress=not args.quiet)
+        device=args.device, runs_dir=args.runs_dir, progress=not args.quiet, chat=not args.no_chat)
 
 
 def cmd_tokenizer(args) -> None:
@@ -479,7 +499,18 @@ def cmd_dpo(args) -> None:
     from lmforge.dpo import DPOConfig, dpo
 
     folder, tok_path = resolve_model_folder(args.run, args.model)
-    cfg = DPOConfig(data=args.data, val_data=args.val_data, beta=args.beta, seq_len=args.seq_len,
+    data = args.data
+    if args.from_feedback is None:
+        if args.db or args.write_pairs:
+            raise LmforgeError("--db and --write-pairs go with --from-feedback; with --data they do nothing")
+    else:
+        from lmforge.feedback import write_feedback_pairs
+
+        if args.from_feedback and args.db and args.from_feedback != args.db:
+            raise LmforgeError(f"two databases: --from-feedback {args.from_feedback} and --db {args.db}; give one")
+        data = args.write_pairs or str(Path(args.out) / "feedback_pairs.jsonl")
+        write_feedback_pairs(args.from_feedback or args.db, data)  # then trained on exactly as --data would be
+    cfg = DPOConfig(data=data, val_data=args.val_data, beta=args.beta, seq_len=args.seq_len,
                     on_bad_line=args.on_bad_line, device=args.device, dtype=args.dtype, fit=_fit_config(args))
     s = dpo(folder, tok_path, cfg)
     before, after = (s[k].get("val_reward_accuracy", float("nan")) for k in ("first", "final"))

@@ -1,6 +1,10 @@
 """`lmforge dpo`: Direct Preference Optimisation (Rafailov et al. 2023) against a frozen reference.
 
     lmforge dpo --run runs/chat --data prefs.jsonl --out runs/dpo          # {"prompt", "chosen", "rejected"}
+    lmforge dpo --run runs/chat --from-feedback --out runs/dpo             # the server's stored feedback
+
+--from-feedback writes the pairs feedback.py makes from the server's feedback to a JSONL file
+(OUT/feedback_pairs.jsonl, or --write-pairs) and trains on that file exactly as on --data.
 
 For a prompt x with a preferred answer y_w and a rejected one y_l, the policy pi is trained to
 raise the log-likelihood ratio of y_w over y_l relative to the reference model pi_ref (the
@@ -122,6 +126,9 @@ def read_pair_splits(data: str, val_data: str | None, val_fraction: float,
         is_val = [held_out(p.prompt, val_fraction) for p in pairs]
         val_pairs = [p for p, v in zip(pairs, is_val) if v]
         pairs = [p for p, v in zip(pairs, is_val) if not v]
+        if not pairs:
+            raise LmforgeError(f"all {len(val_pairs):,} pairs in {data} fell in the held-out slice (it is chosen by "
+                               "prompt); add pairs with other prompts, or give --val-data")
     return pairs, val_pairs, dict(report.skipped)
 
 

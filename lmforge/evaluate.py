@@ -22,6 +22,17 @@ from lmforge.common import LmforgeError, autocast
 from lmforge.data import TokenStream, read_meta
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """A binomial proportion's confidence interval (Wilson score; 95% at z=1.96): unlike the normal
+    approximation it stays inside [0, 1] and is honest at 0/n and n/n, where small evals often sit."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 @torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tensor, *, seq_len: int,
                  batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32,

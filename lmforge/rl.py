@@ -209,15 +209,15 @@ def turn_end_id(tokenizer) -> int:
 
 
 def rollout(llm, tokenizer, items: list[Item], *, n: int, max_tokens: int, temperature: float, top_p: float,
-            seed: int) -> tuple[list[list[int]], list[list[list[int]]], list[list[bool]], list[list[str]]]:
+            seed: int, **sampling) -> tuple[list[list[int]], list[list[list[int]]], list[list[bool]], list[list[str]]]:
     """Prompt ids, and per prompt n answers' token ids (with the end-of-turn token when they ended
-    it), whether they ended, and their text."""
+    it), whether they ended, and their text. `sampling`: more SamplingParams fields (penalties)."""
     from lmforge.engine import SamplingParams
 
     template, end = chat_template(tokenizer), turn_end_id(tokenizer)
     prompts = [tokenizer.encode_with_special(render_template(template, it.messages, tokenizer)) for it in items]
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed + 1000 * i,
-                             stop_token_ids=[end], ignore_eos=True) for i in range(len(items))]
+                             stop_token_ids=[end], ignore_eos=True, **sampling) for i in range(len(items))]
     results = llm.generate(prompts, params)
     ids = [[c.token_ids + ([end] if c.finish_reason == "stop" else []) for c in group] for group in results]
     ended = [[c.finish_reason == "stop" for c in group] for group in results]

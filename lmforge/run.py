@@ -1,10 +1,16 @@
 """`lmforge run`: the main job, every stage end to end, like a speedrun script.
 
     corpus -> tokenizer -> token shards -> pretrain (wall-clock budget) -> held-out eval
-    (beside xz -9 and zlib -9 on the same bytes) -> sample generations -> report.md
+    (beside xz -9 and zlib -9 on the same bytes) -> sample generations
+    -> SFT on the built-in code domain (chat/) -> held-out pass rate, base vs chat -> report.md
 
 The default recipe is tuned for the embedded stdlib corpus on a 2-core CPU in about 15
 minutes; `--tiny` runs the same stages on a slice of the corpus in about a minute.
+
+The run folder holds the base model in `model/` (what `generate` and `eval` take with --run) and
+the chat model fine-tuned on the code domain (codetask: "write a function `name(args)` that ...")
+in `chat/`, itself an SFT run folder (`lmforge chat --run runs/<name>/chat`). The SFT stage runs on
+the stdlib corpus only: the code tasks are the stdlib's own functions.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ class Preset:
     corpus_max_bytes: int | None  # read only this much of the corpus
     tokenizer_max_bytes: int | None  # train BPE on this much of the training split
     train: dict  # TrainConfig fields
+    sft: dict  # SFTConfig fields of the code-domain SFT stage ("fit": FitConfig fields)
+    sft_reserve_s: float  # wall-clock kept back from pretraining for SFT and its evaluation
+    sft_eval_tasks: int | None  # held-out code tasks the base and chat models answer (None: all)
 
 
 PRESETS = {
@@ -42,17 +51,62 @@ PRESETS = {
     "default": Preset(vocab_size=4096, corpus_max_bytes=None, tokenizer_max_bytes=None, train=dict(
         depth=4, aspect_ratio=32, head_dim=32, seq_len=256, batch_size=16, optimizer="muon", lr=3e-3,
         matrix_lr=0.02, schedule="wsd", warmup_steps=50, decay_frac=0.4, eval_every=250, eval_tokens=32768,
-        ckpt_every=500)),
+        ckpt_every=500), sft=dict(fit=dict(
+        epochs=3.0, batch_size=16, lr=1e-3, warmup_steps=10, eval_every=50, ckpt_every=10_000)),
+        sft_reserve_s=150, sft_eval_tasks=None),
     "tiny": Preset(vocab_size=1024, corpus_max_bytes=3_000_000, tokenizer_max_bytes=1_000_000, train=dict(
         depth=2, aspect_ratio=32, head_dim=32, seq_len=128, batch_size=8, optimizer="muon", lr=3e-3, matrix_lr=0.02,
-        schedule="wsd", warmup_steps=10, decay_frac=0.4, eval_every=50, eval_tokens=8192, ckpt_every=100)),
+        schedule="wsd", warmup_steps=10, decay_frac=0.4, eval_every=50, eval_tokens=8192, ckpt_every=100),
+        # a 128-token context: most code tasks only fit truncated; enough to exercise the stage
+        sft=dict(too_long="truncate", fit=dict(max_steps=8, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=8,
+                                               ckpt_every=10_000)),
+        sft_reserve_s=20, sft_eval_tasks=16),
 }
 SAMPLE_PROMPTS = ["def fib(", "import os\n", "class Stack:\n", "The for statement"]
 SAMPLING = dict(temperature=0.8, top_k=50, max_tokens=100)
 
 
+def code_chat_stage(run_dir: Path, preset: Preset, *, seed: int, device: str, progress: bool) -> dict:
+    """SFT of the base model on the code domain's training tasks into run_dir/chat, then the held-out
+    tasks answered greedily in chat form by the base model and the chat model (codetask.score)."""
+    from lmforge.checkpoint import load_model
+    from lmforge.codetask import evaluate as evaluate_code
+    from lmforge.codetask import extract_tasks, write_jsonl
+    from lmforge.engine import LLM
+    from lmforge.posttrain import FitConfig
+    from lmforge.sft import SFTConfig, sft
+
+    out = run_dir / "chat"
+    out.mkdir(exist_ok=True)
+    tasks = extract_tasks(self_contained=False)  # for SFT volume: the check needs only the name defined
+    train = [t for t in tasks if t.split == "train"]
+    val = [t for t in tasks if t.split == "val"][:preset.sft_eval_tasks]
+    write_jsonl(train, out / "code_train.jsonl")
+    write_jsonl(val, out / "code_val.jsonl")
+    settings = dict(preset.sft)
+    fit = FitConfig(out_dir=str(out), seed=seed, progress=progress, **settings.pop("fit"))
+    cfg = SFTConfig(data=str(out / "code_train.jsonl"), val_data=str(out / "code_val.jsonl"), device=device,
+                    fit=fit, **settings)
+    summary = sft(run_dir / "model", run_dir / "model" / "tokenizer.json", cfg)
+
+    dev = get_device(device)
+    dtype = resolve_dtype("auto", dev)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    figures, answers = {}, {}
+    for name, folder in (("base", run_dir / "model"), ("chat", out / "model")):
+        llm = LLM(load_model(folder, dev), tokenizer, device=dev, dtype=dtype, max_num_seqs=64,
+                  enable_prefix_caching=False, seed=seed)
+        figures[name], answers[name] = evaluate_code(llm, tokenizer, val)
+    result = {"train_tasks": len(train), "val_tasks": len(val),
+              "val_from_heldout_files": sum(t.heldout_file for t in val), "sft": summary, **figures,
+              "answers": [{"task": t.id, "prompt": t.prompt, "base": a, "chat": b}
+                          for t, a, b in zip(val, answers["base"], answers["chat"])]}
+    atomic_write_text(out / "code_eval.json", json.dumps(result, indent=2))
+    return result
+
+
 def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, seed: int = 1337,
-        device: str = "auto", runs_dir: str = "runs", progress: bool = True) -> Path:
+        device: str = "auto", runs_dir: str = "runs", progress: bool = True, chat: bool = True) -> Path:
     t_start = time.perf_counter()
     preset = PRESETS["tiny" if tiny else "default"]
     minutes = minutes if minutes is not None else (1.0 if tiny else 15.0)
@@ -64,9 +118,11 @@ def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, see
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     say = print if progress else (lambda *a, **k: None)
+    chat = chat and corpus == "stdlib"  # the code domain is the stdlib's own functions
+    stages = 6 if chat else 5
 
     # 1-2. corpus -> tokenizer -> shards
-    say(f"[1/5] corpus {corpus!r} -> tokenizer ({preset.vocab_size:,} tokens) -> token shards in {run_dir}/data")
+    say(f"[1/{stages}] corpus {corpus!r} -> tokenizer ({preset.vocab_size:,} tokens) -> token shards in {run_dir}/data")
     t0 = time.perf_counter()
     source = Corpus(corpus, max_bytes=preset.corpus_max_bytes)
     meta = prepare_data(source, run_dir / "data", vocab_size=preset.vocab_size,
@@ -80,11 +136,11 @@ def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, see
         f"{split['train']['num_tokens']:,} / {split['val']['num_tokens']:,} tokens")
 
     # 3. pretrain within what is left of the budget, keeping back time for the stages after it
-    reserve_s = 10 if tiny else 45  # final eval, samples and report
+    reserve_s = (10 if tiny else 45) + (preset.sft_reserve_s if chat else 0)  # eval, samples, SFT, report
     budget_s = minutes * 60 - (time.perf_counter() - t_start) - reserve_s
     if budget_s < 5:
         raise LmforgeError(f"--minutes {minutes}: no time left to train after preparing the data; give more")
-    say(f"[2/5] pretraining for {budget_s / 60:.1f} minutes")
+    say(f"[2/{stages}] pretraining for {budget_s / 60:.1f} minutes")
     cfg = TrainConfig(data_dir=str(run_dir / "data"), out_dir=str(run_dir), time_budget_s=budget_s, seed=seed,
                       device=device, progress=progress, **preset.train)
     t0 = time.perf_counter()
@@ -92,7 +148,7 @@ def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, see
     timings["pretrain"] = time.perf_counter() - t0
 
     # 4. held-out evaluation on the whole split, beside compressors on the very same bytes
-    say("[3/5] held-out evaluation")
+    say(f"[3/{stages}] held-out evaluation")
     t0 = time.perf_counter()
     from lmforge.checkpoint import load_model
 
@@ -105,7 +161,7 @@ def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, see
     timings["eval"] = time.perf_counter() - t0
 
     # 5. samples and the report
-    say("[4/5] samples")
+    say(f"[4/{stages}] samples")
     t0 = time.perf_counter()
     samples = []
     for i, prompt in enumerate(SAMPLE_PROMPTS):
@@ -115,7 +171,19 @@ def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, see
     (run_dir / "samples.md").write_text("\n\n".join(f"### {p!r}\n```\n{p}{t}\n```" for p, t in samples))
     timings["samples"] = time.perf_counter() - t0
 
-    say("[5/5] report")
+    code = None
+    if chat:
+        say(f"[5/{stages}] supervised fine-tuning on the code domain -> chat model in {run_dir / 'chat'}")
+        t0 = time.perf_counter()
+        code = code_chat_stage(run_dir, preset, seed=seed, device=device, progress=progress)
+        timings["sft + code eval"] = time.perf_counter() - t0
+        say(f"      held-out code tasks passed (in chat form, parses, defines the function): base "
+            f"{code['base']['passed']}/{code['base']['n']}, chat {code['chat']['passed']}/{code['chat']['n']}")
+    elif corpus != "stdlib":
+        say("      (no SFT stage: the built-in code domain is the stdlib's functions; fine-tune on your own "
+            "conversations with `lmforge sft --data`)")
+
+    say(f"[{stages}/{stages}] report")
     recipe = (f"{cfg.optimizer} (matrix lr {cfg.matrix_lr}, AdamW lr {cfg.lr} for embeddings and gains), "
               f"{cfg.schedule} schedule ({cfg.warmup_steps} warm-up steps, last {cfg.decay_frac:.0%} decaying to "
               f"0), batch {cfg.batch_size} x {cfg.seq_len} tokens, clip {cfg.grad_clip}, "
@@ -124,12 +192,13 @@ def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, see
              "tokenizer": {"vocab_size": tokenizer.vocab_size,
                            "bytes_per_token": split["train"]["num_bytes"] / max(1, split["train"]["num_tokens"])},
              "recipe": recipe, "sampling": ", ".join(f"{k} {v}" for k, v in SAMPLING.items()),
-             "timings": timings, "total_minutes": (time.perf_counter() - t_start) / 60,
+             "code": code, "timings": timings, "total_minutes": (time.perf_counter() - t_start) / 60,
              "machine": f"{platform.machine()} {dev.type}, {torch.get_num_threads()} threads"}
     from lmforge.report import write_report
 
     report = write_report(run_dir, facts)
     say(f"done in {facts['total_minutes']:.1f} min: held-out {result['bpb']:.3f} bits/byte "
         f"(xz -9 {result['compressors']['xz -9']:.3f}, zlib -9 {result['compressors']['zlib -9']:.3f}). "
-        f"Report: {report}\nTry: lmforge generate --run {run_dir} --prompt 'def fib('")
+        f"Report: {report}\nTry: lmforge generate --run {run_dir} --prompt 'def fib('"
+        + (f"\n     lmforge chat --run {run_dir / 'chat'}" if code else ""))
     return run_dir

@@ -7,6 +7,7 @@
     POST /tokenize, /detokenize token ids in and out
     GET  /health                liveness (the one public route)
     GET  /metrics               Prometheus text format
+    POST /v1/feedback           a rating (+1/-1) or a better answer for a stored response's choice
     /v1/admin/keys, /v1/admin/usage   key management and the usage ledger (admin keys only)
 
 A thin layer: requests are validated into SamplingParams and token ids, the engine (a Router over
@@ -15,6 +16,13 @@ events. Keys, limits and the ledger live in auth.py. Errors carry OpenAI's shape
 {"error": {"message", "type", "param", "code"}}, with the status codes clients act on: 400 bad
 request, 401 no or unknown key, 403 model not allowed for the key, 404 unknown model, 429 rate or
 quota (with Retry-After), 503 overloaded.
+
+`"store": true` on a completion or chat request keeps the response (feedback.py: its id, the key,
+the model, the messages or prompts, each choice's text) in the key store's database, streamed ones
+too: once the last token is out, before `[DONE]`, so a client that has seen `[DONE]` can rate it.
+A stream the client leaves early is not stored. Feedback is for the key's own stored responses
+(admins: any); another key's response id is a 404, as an unknown one is. With --no-auth there is
+no database, and `store` and /v1/feedback are a 400 saying so.
 """
 
 from __future__ import annotations
@@ -84,6 +92,7 @@ class _Sampling(_Body):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    store: bool = False  # keep the response for /v1/feedback
     # Beyond OpenAI, as vLLM accepts them
     top_k: int | None = Field(default=None, ge=1)
     min_p: float = Field(default=0.0, ge=0, le=1)
@@ -134,6 +143,14 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class FeedbackRequest(_Body):
+    response_id: str = Field(min_length=1, max_length=64)
+    choice_index: int = Field(default=0, ge=0)
+    rating: Literal[1, -1, "up", "down"] | None = None
+    preferred: str | None = None  # a better answer, written by the user
+    comment: str | None = None
+
+
 class KeyCreateRequest(_Body):
     name: str = Field(min_length=1, max_length=100)
     models: list[str] | None = None
@@ -155,6 +172,7 @@ class Served:
     keys: Any = None  # auth.KeyStore, or None for an open server (`--no-auth`)
     limiter: Any = None  # auth.RateLimiter, or None
     admin_key: str | None = None  # from the environment: manages keys without a stored admin key
+    feedback: Any = None  # feedback.FeedbackStore: responses kept with store: true and feedback on them
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -162,6 +180,11 @@ class Served:
 class Caller:
     key_id: str | None  # None on an open server
     record: Any = None
+
+    @property
+    def admin(self) -> bool:
+        # key_id "admin" without a record is the environment's LMFORGE_ADMIN_KEY (stored key ids are hex)
+        return (self.key_id == "admin" and self.record is None) or (self.record is not None and self.record.admin)
 
     @property
     def salt(self) -> bytes:
@@ -240,7 +263,7 @@ def create_app(served: Served) -> FastAPI:
         if served.keys is None:
             raise APIError(404, "key management needs a key store; start the server without --no-auth",
                            "not_found_error")
-        if who.key_id != "admin" and not (who.record is not None and who.record.admin):
+        if not who.admin:
             raise APIError(403, "this route needs an admin key", "permission_error", code="not_admin")
         return who
 
@@ -251,6 +274,17 @@ def create_app(served: Served) -> FastAPI:
         if who.record is not None and not who.record.allows(served.model_name):
             raise APIError(403, f"this key may not use model {served.model_name!r}", "permission_error", "model",
                            "model_not_allowed")
+
+    def check_store(param: str | None) -> None:
+        if served.feedback is None:
+            raise APIError(400, "this server keeps no responses: it runs without a database (--no-auth); restart "
+                                "it without --no-auth to use store and /v1/feedback", param=param,
+                           code="store_unavailable")
+
+    async def keep(who: Caller, shaper: _Shaper) -> None:
+        """Store a finished response whose request said `store: true`."""
+        await run_in_threadpool(served.feedback.store_response, shaper.request_id, who.key_id, served.model_name,
+                                shaper.texts(), **shaper.stored_prompt())
 
     async def admit(who: Caller) -> None:
         """Rate limits and budget, before any work is queued."""
@@ -318,10 +352,13 @@ def create_app(served: Served) -> FastAPI:
                            prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
         for ids in prompts:
             _check_length(ids, params, served)
+        if body.store:
+            check_store("store")
         await admit(who)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         shaper = _CompletionShaper(served, body, prompts, request_id)
-        return await _respond(served, request, who, body, prompts, params, request_id, shaper, account, metrics)
+        return await _respond(served, request, who, body, prompts, params, request_id, shaper, account, keep,
+                              metrics)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request, who: Caller = Depends(caller)):
@@ -335,10 +372,12 @@ def create_app(served: Served) -> FastAPI:
         if end is not None:
             params.stop_token_ids = [*params.stop_token_ids, end]
         _check_length(ids, params, served)
+        if body.store:
+            check_store("store")
         await admit(who)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         shaper = _ChatShaper(served, body, request_id)
-        return await _respond(served, request, who, body, [ids], params, request_id, shaper, account, metrics)
+        return await _respond(served, request, who, body, [ids], params, request_id, shaper, account, keep, metrics)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, who: Caller = Depends(caller)):
@@ -383,6 +422,30 @@ def create_app(served: Served) -> FastAPI:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary 0..{served.tokenizer.vocab_size - 1}",
                            param="tokens")
         return {"prompt": served.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest, who: Caller = Depends(caller)):
+        check_store(None)
+        rating = {"up": 1, "down": -1}.get(body.rating, body.rating)
+        if body.preferred is not None and not body.preferred.strip():
+            raise APIError(400, "preferred is empty; write the better answer, or leave preferred out",
+                           param="preferred")
+        if rating is None and body.preferred is None:
+            raise APIError(400, "give a rating (1 or 'up', -1 or 'down'), a preferred answer, or both", param="rating")
+        response = await run_in_threadpool(served.feedback.response, body.response_id)
+        if response is None or (response.key_id != who.key_id and not who.admin):
+            # The same answer for another key's response as for none: a key never learns of others' ids.
+            raise APIError(404, f"no stored response {body.response_id!r} for this key; feedback is for responses "
+                                "this key made with store: true", "not_found_error", "response_id",
+                           "response_not_found")
+        if body.choice_index >= len(response.choices):
+            raise APIError(400, f"choice_index {body.choice_index}: response {response.id!r} has "
+                                f"{len(response.choices)} choice(s), numbered from 0", param="choice_index")
+        if body.preferred == response.choices[body.choice_index]:
+            raise APIError(400, "preferred is the answer itself; to say it was good, send rating 'up' instead",
+                           param="preferred")
+        return await run_in_threadpool(served.feedback.add_feedback, response.id, body.choice_index, who.key_id,
+                                       rating, body.preferred, body.comment)
 
     @app.post("/v1/admin/keys")
     async def create_key(body: KeyCreateRequest, who: Caller = Depends(admin)):
@@ -447,11 +510,8 @@ def _prompts(prompt, served: Served, name: str = "prompt") -> list[list[int]]:
     return out
 
 
-def _render_chat(served: Served, messages: list[ChatMessage]) -> list[int]:
-    template = getattr(served.tokenizer, "chat_template", None)
-    if not template:
-        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages",
-                       code="no_chat_template")
+def _plain_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the chat template sees them: role and text content."""
     plain = []
     for m in messages:
         content = m.content
@@ -460,6 +520,15 @@ def _render_chat(served: Served, messages: list[ChatMessage]) -> list[int]:
                 raise APIError(400, "only text content parts are supported", param="messages")
             content = "".join(part.get("text", "") for part in content)
         plain.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return plain
+
+
+def _render_chat(served: Served, messages: list[ChatMessage]) -> list[int]:
+    template = getattr(served.tokenizer, "chat_template", None)
+    if not template:
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages",
+                       code="no_chat_template")
+    plain = _plain_messages(messages)
     if not any(m["content"] for m in plain):
         raise APIError(400, "every message is empty; say something", param="messages")
     try:
@@ -503,8 +572,9 @@ def _check_length(ids: list[int], params: SamplingParams, served: Served) -> Non
                        code="context_length_exceeded")
 
 
-async def _respond(served, request, who, body, prompts, params, request_id, shaper, account, metrics):
-    """Run every prompt through the engine; stream events or gather one JSON answer."""
+async def _respond(served, request, who, body, prompts, params, request_id, shaper, account, keep, metrics):
+    """Run every prompt through the engine; stream events or gather one JSON answer. `keep(who, shaper)`
+    stores the finished response when the request asked (store: true)."""
     started = time.perf_counter()
 
     async def outputs() -> AsyncIterator[tuple[int, Any]]:
@@ -541,6 +611,8 @@ async def _respond(served, request, who, body, prompts, params, request_id, shap
                 usage = shaper.usage()
                 if include_usage:
                     yield f"data: {json.dumps(shaper.usage_chunk(usage))}\n\n"
+                if body.store:
+                    await keep(who, shaper)
                 yield "data: [DONE]\n\n"
                 await account(who, request_id, usage)
                 metrics.requests.labels(shaper.route).inc()
@@ -564,6 +636,8 @@ async def _respond(served, request, who, body, prompts, params, request_id, shap
         await stream.aclose()  # aborts the generation if it has not finished
     usage = shaper.usage()
     await account(who, request_id, usage)
+    if body.store:
+        await keep(who, shaper)
     metrics.requests.labels(shaper.route).inc()
     return shaper.response(usage)
 
@@ -585,18 +659,26 @@ class _Shaper:
         self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
         self.num_outputs = 0
         self._counted: set[int] = set()
+        self._texts: dict[int, str] = {}  # choice index -> generated text so far, streamed or gathered
 
     def _choice_index(self, p: int, out) -> int:
         return p * self.body.n + out.index
 
     def _count(self, p: int, out) -> None:
+        """Usage, and each choice's generated text (what store: true keeps), for add() and chunks() alike."""
         self.num_outputs += 1
+        i = self._choice_index(p, out)
+        self._texts[i] = self._texts.get(i, "") + out.text
         if out.finished:
             self.completion_tokens += out.num_output_tokens
         if p not in self._counted:  # the prompt counts once, whatever n is
             self._counted.add(p)
             self.prompt_tokens += out.num_prompt_tokens
             self.cached_tokens += out.num_cached_tokens
+
+    def texts(self) -> list[str]:
+        """The generated text of every choice, by index; a completion's echoed prompt is not part of it."""
+        return [self._texts[i] for i in sorted(self._texts)]
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -614,6 +696,14 @@ class _CompletionShaper(_Shaper):
     def __init__(self, served, body, prompts, request_id):
         super().__init__(served, body, request_id)
         self.prompts = prompts
+
+    def stored_prompt(self) -> dict:
+        """{"prompts": one text per prompt}: as sent, or decoded where the prompt was token ids."""
+        raw = self.body.prompt
+        if isinstance(raw, str) or all(isinstance(t, int) for t in raw):
+            raw = [raw]
+        return {"prompts": [p if isinstance(p, str) else self.served.tokenizer.decode(ids)
+                            for p, ids in zip(raw, self.prompts)]}
 
     def _logprobs(self, tokens: list[int], logprobs: list, offset: int) -> dict:
         tok = self.served.tokenizer
@@ -683,6 +773,9 @@ class _CompletionShaper(_Shaper):
 
 class _ChatShaper(_Shaper):
     route, chunk_object = "chat", "chat.completion.chunk"
+
+    def stored_prompt(self) -> dict:
+        return {"messages": _plain_messages(self.body.messages)}
 
     def _logprobs(self, tokens: list[int], logprobs: list) -> dict:
         tok = self.served.tokenizer
@@ -783,14 +876,16 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
             models[str(dev)] = load_model(folder, dev)
         llm = LLM(models[str(dev)], tokenizer, device=dev, dtype=resolve_dtype(dtype, dev), **engine_kwargs)
         engines.append(AsyncEngine(llm, max_pending=max_pending, name=f"worker-{i}"))
-    keys = limiter = admin_key = None
+    keys = limiter = admin_key = feedback = None
     if auth:
         from lmforge.auth import KeyStore, env_admin_key, make_rate_limiter
+        from lmforge.feedback import FeedbackStore
 
         keys, limiter, admin_key = KeyStore(db), make_rate_limiter(redis), env_admin_key()
+        feedback = FeedbackStore(keys)
     model = next(iter(models.values()))
     return Served(Router(engines), tokenizer, name or Path(folder).resolve().name, model.config.max_position_embeddings,
-                  keys, limiter, admin_key)
+                  keys, limiter, admin_key, feedback)
 
 
 def run_server(served: Served, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

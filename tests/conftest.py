@@ -83,6 +83,14 @@ def pg_url(pg_available):
     admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """Each test that takes it runs twice: on SQLite in tmp_path, and on PostgreSQL (skipped if absent)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'keys.db'}"
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture()
 def redis_prefix():
     if not redis_answers():

@@ -35,17 +35,11 @@ from lmforge.auth import (
 from lmforge.cli import main
 from lmforge.common import LmforgeError
 
-# PostgreSQL and Redis fixtures (pg_url, redis_prefix) live in conftest.py, shared with test_serve.py.
+# PostgreSQL and Redis fixtures (db_url, pg_url, redis_prefix) live in conftest.py, shared with test_serve.py
+# and test_feedback.py.
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'keys.db'}"
-    return request.getfixturevalue("pg_url")
-
 
 @pytest.fixture()
 def store(db_url):

@@ -23,7 +23,8 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert main(["run", "--tiny", "--minutes", "0.75", "--runs-dir", str(tmp_path), "--name", "t", "--quiet"]) == 0
     run = tmp_path / "t"
     for name in ("tokenizer.json", "metrics.jsonl", "samples.md", "eval.json", "loss.png", "report.md",
-                 "model/model.safetensors", "model/tokenizer.json", "model/manifest.json", "checkpoints/latest"):
+                 "model/model.safetensors", "model/tokenizer.json", "model/manifest.json", "checkpoints/latest",
+                 "chat/model/model.safetensors", "chat/code_train.jsonl", "chat/code_eval.json"):
         assert (run / name).exists(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     initial_bpb = records[0]["val_bpb"]
@@ -31,6 +32,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert final["bpb"] < 0.85 * initial_bpb, "training did not learn"
     report = (run / "report.md").read_text()
     assert f"{final['bpb']:.3f}" in report and "xz -9" in report and "zlib -9" in report
+    code = json.loads((run / "chat" / "code_eval.json").read_text())  # the SFT stage: base vs chat, same requests
+    assert code["val_tasks"] == code["base"]["n"] == code["chat"]["n"] == len(code["answers"]) == 16
+    assert code["train_tasks"] > 500 and code["sft"]["steps"] == 8
+    for model in ("base", "chat"):
+        assert sum(code[model]["outcomes"].values()) == 16
+        assert f"{code[model]['passed']}/16" in report
     capsys.readouterr()
 
     assert main(["generate", "--run", str(run), "--prompt", "def fib(", "--max-tokens", "8", "--seed", "1"]) == 0

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from lmforge.codetask import (
+    TASK_HELDOUT_FRACTION,
     CodeTask,
     check,
     check_many,
@@ -218,13 +219,18 @@ def rambling(x):
     assert "rambling" not in tasks and counts["summary too long"] == 1
 
 
-def test_split_is_the_corpus_hash_split_of_the_file():
+def test_split_holds_out_files_the_corpus_holds_out_and_a_hash_slice_of_tasks():
     ids = [f"pkg/mod{i}.py" for i in range(200)]
-    held, kept = next(i for i in ids if is_heldout(i)), next(i for i in ids if not is_heldout(i))
-    tasks = extract_tasks([Document(held, MODULE), Document(kept, MODULE.replace("clamp", "limit"))], max_lines=5)
-    splits = {t.id: t.split for t in tasks}
-    assert splits[f"{held}::clamp"] == "val" and splits[f"{kept}::limit"] == "train"
-    assert {s for i, s in splits.items() if i.startswith(held)} == {"val"}
+    held = next(i for i in ids if is_heldout(i))
+    sliced = next(i for i in ids if not is_heldout(i) and is_heldout(f"{i}::limit", TASK_HELDOUT_FRACTION))
+    kept = next(i for i in ids if not is_heldout(i) and not is_heldout(f"{i}::bound", TASK_HELDOUT_FRACTION))
+    docs = [Document(held, MODULE), Document(sliced, MODULE.replace("clamp", "limit")),
+            Document(kept, MODULE.replace("clamp", "bound"))]
+    tasks = {t.id: t for t in extract_tasks(docs, max_lines=5)}
+    assert tasks[f"{held}::clamp"].split == "val" and tasks[f"{held}::clamp"].heldout_file
+    assert {t.split for i, t in tasks.items() if i.startswith(held)} == {"val"}
+    assert tasks[f"{sliced}::limit"].split == "val" and not tasks[f"{sliced}::limit"].heldout_file
+    assert tasks[f"{kept}::bound"].split == "train" and not tasks[f"{kept}::bound"].heldout_file
 
 
 def test_jsonl_rows_are_chat_conversations_sft_reads(tmp_path):
@@ -323,7 +329,7 @@ def test_the_stdlib_gives_hundreds_of_tasks():
     counts = Counter()
     tasks = extract_tasks(counts=counts)  # about 4 s: every stdlib module parsed once
     splits = Counter(t.split for t in tasks)
-    assert splits["train"] >= 300 and splits["val"] >= 1
+    assert splits["train"] >= 300 and splits["val"] >= 30
     assert len({t.id for t in tasks}) == len(tasks) == counts["kept"]
     assert sum(bool(t.doctests) for t in tasks) >= 5
     assert all(t.prompt.startswith(f"Write a Python function `{t.signature}`") for t in tasks)
