@@ -232,7 +232,7 @@ def _add_rl_args(sub) -> None:
     p.add_argument("--task", choices=("code", "math"), default="code")
     p.add_argument("--data", help="task 'math': JSONL of {'question', 'answer'} (answer ends '#### N')")
     p.add_argument("--out", required=True, help="output run folder")
-    p.add_argument("--resume", action="store_true", help="continue OUT's latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue OUT's latest checkpoint with its settings")
     d = {f.name: f.default for f in fields(RLConfig)}
     text = {"prompts_per_step": "prompts sampled per step", "group_size": "answers per prompt",
             "max_tokens": "most tokens per answer", "clip_eps": "PPO clip range", "kl_coef": "weight of KL to the "
@@ -533,11 +533,16 @@ def cmd_reward_model(args) -> None:
 
 def cmd_rl(args) -> None:
     from lmforge.checkpoint import resolve_model_folder
-    from lmforge.rl import RLConfig, rl
+    from lmforge.rl import RLConfig, load_settings, rl
 
-    folder, tok_path = resolve_model_folder(args.run, args.model)
-    names = {f.name for f in fields(RLConfig)} - {"out_dir", "progress"}
-    cfg = RLConfig(out_dir=args.out, progress=not args.quiet, **{k: v for k, v in vars(args).items() if k in names})
+    if args.resume:
+        folder, tok_path, cfg = load_settings(args.out)
+        cfg.progress = not args.quiet
+    else:
+        folder, tok_path = resolve_model_folder(args.run, args.model)
+        names = {f.name for f in fields(RLConfig)} - {"out_dir", "progress"}
+        cfg = RLConfig(out_dir=args.out, progress=not args.quiet,
+                       **{k: v for k, v in vars(args).items() if k in names})
     rl(folder, tok_path, cfg, resume=args.resume)
 
 

@@ -200,6 +200,18 @@ class RLConfig:
     progress: bool = True
 
 
+SETTINGS_FILE = "rl_settings.json"  # what --resume restores: the starting model and every setting
+
+
+def load_settings(out_dir: str | Path) -> tuple[Path, Path, RLConfig]:
+    """(starting model folder, tokenizer file, settings) an RL run was started with, for --resume."""
+    path = Path(out_dir) / SETTINGS_FILE
+    if not path.exists():
+        raise LmforgeError(f"--resume: {path} not found; {out_dir} is not an RL run folder")
+    saved = json.loads(path.read_text())
+    return Path(saved["base"]), Path(saved["tokenizer"]), RLConfig(**saved["config"])
+
+
 def turn_end_id(tokenizer) -> int:
     special = getattr(tokenizer, "special_ids", {})
     end = special.get("<|assistant_end|>", getattr(tokenizer, "eos_id", None))
@@ -269,7 +281,8 @@ def rl(folder: Path, tokenizer_path: Path, cfg: RLConfig, *, resume: bool = Fals
     else:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
-    atomic_write_text(out / "rl_config.json", json.dumps(asdict(cfg), indent=2))
+        atomic_write_text(out / SETTINGS_FILE, json.dumps({"base": str(folder), "tokenizer": str(tokenizer_path),
+                                                           "config": asdict(cfg)}, indent=2))
 
     def log(record: dict):
         with open(metrics_path, "a") as f:

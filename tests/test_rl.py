@@ -84,3 +84,43 @@ def test_a_short_run_raises_a_programmatic_reward(tmp_path, monkeypatch, tokeniz
     assert len(rewards) == 12
     assert sum(rewards[-4:]) > 3 * sum(rewards[:4]) + 0.01  # sampled answers say it more
     assert summary["first"]["reward"] < 0.1 and summary["final"]["reward"] > 0.5  # and greedy ones
+
+
+def test_resume_restores_the_settings_and_continues_exactly(tmp_path, monkeypatch, tokenizer, base_model):  # noqa: F811
+    """Killed after a checkpoint and resumed from the saved settings alone: the same rewards and weights
+    as a run that was never stopped (each answer samples with its own seed, so the rollouts repeat)."""
+    from safetensors.torch import load_file
+
+    from lmforge.rl import load_settings
+
+    target = tokenizer.encode("x")[0]
+    items = [Item([{"role": "user", "content": f"say something {i}"}], None) for i in range(12)]
+
+    def reward(batch_items, answers, ended):
+        return [sum(t == target for t in tokenizer.encode(a)) / max(1, len(tokenizer.encode(a))) for a in answers]
+    monkeypatch.setitem(rl_module.TASKS, "toy", (lambda data, eval_prompts: (items, []), reward))
+    settings = dict(task="toy", data="unused", steps=4, prompts_per_step=2, group_size=4, max_tokens=6, lr=1e-2,
+                    warmup_steps=1, eval_prompts=0, ckpt_every=2, device="cpu", dtype="fp32", progress=False)
+    rl(base_model, base_model / "tokenizer.json", RLConfig(out_dir=str(tmp_path / "whole"), **settings))
+
+    class Killed(Exception):
+        pass
+    real_save = rl_module.save_checkpoint
+
+    def save_then_die(out, step, *args, **kwargs):
+        real_save(out, step, *args, **kwargs)
+        raise Killed
+    monkeypatch.setattr(rl_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        rl(base_model, base_model / "tokenizer.json", RLConfig(out_dir=str(tmp_path / "cut"), **settings))
+    monkeypatch.setattr(rl_module, "save_checkpoint", real_save)
+    folder, tok_path, cfg = load_settings(tmp_path / "cut")
+    assert (folder, tok_path) == (base_model, base_model / "tokenizer.json")
+    assert cfg == RLConfig(out_dir=str(tmp_path / "cut"), **settings)
+    rl(folder, tok_path, cfg, resume=True)
+
+    def rewards(run):
+        return [json.loads(x)["reward"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert rewards("cut") == rewards("whole") and len(rewards("whole")) == 4
+    whole, cut = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
