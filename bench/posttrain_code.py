@@ -95,6 +95,8 @@ def main():
     p.add_argument("--out", default=None, help="where the RL and DPO runs go (default: RUN/bench_code)")
     p.add_argument("--rl-steps", type=int, default=30)
     p.add_argument("--rl-lr", type=float, default=2e-5)
+    p.add_argument("--rl-temperature", type=float, default=0.7,
+                   help="rollout temperature (at 1.0 most of a small model's sampled code does not parse)")
     p.add_argument("--dpo-train-tasks", type=int, default=400, help="training tasks sampled for DPO pairs")
     p.add_argument("--dpo-samples", type=int, default=2, help="sampled answers per task for DPO's rejected side")
     p.add_argument("--skip", action="append", default=[], choices=["rl", "dpo"])
@@ -115,7 +117,8 @@ def main():
                      "val_from_heldout_files": sum(t.heldout_file for t in val)}
 
     if "rl" not in args.skip:
-        cfg = RLConfig(task="code", out_dir=str(out / "rl"), steps=args.rl_steps, lr=args.rl_lr, eval_every=10**9,
+        cfg = RLConfig(task="code", out_dir=str(out / "rl"), steps=args.rl_steps, lr=args.rl_lr,
+                       temperature=args.rl_temperature, eval_every=10**9,
                        eval_prompts=0, ckpt_every=10**9, seed=args.seed)
         results["rl"] = rl(folders["sft"], run / "tokenizer.json", cfg)
         folders["sft+rl"] = out / "rl" / "model"
