@@ -49,7 +49,11 @@ def code_section(code: dict | None) -> list[str]:
     if not code:
         return []
     base, chat, sft = code["base"], code["chat"], code["sft"]
-    ratio = chat["pass_rate"] / base["pass_rate"] if base["pass_rate"] else float("inf")
+    if base["passed"]:
+        versus = f"The chat model passes {chat['pass_rate'] / base['pass_rate']:.1f}x as often as the base model."
+    else:
+        versus = (f"The base model passes none (95% upper bound {base['pass_rate_ci95'][1]:.1%}): it has never seen "
+                  "the chat format.")
     lines = [
         "## Chat model: writing functions on request (chat/)",
         "",
@@ -64,10 +68,10 @@ def code_section(code: dict | None) -> list[str]:
         f"| base (prompted the same way) | {rate_text(base)} | {rate_text(base, 'doctest')} |",
         f"| **chat** | **{rate_text(chat)}** | {rate_text(chat, 'doctest')} |",
         "",
-        f"The chat model passes {ratio:.1f}x as often as the base model. Held-out requests are a hash slice of "
-        f"the tasks ({code['val_from_heldout_files']} of them from files pretraining never saw): the base model "
-        "read most of these functions' code in pretraining, as the chat model did, so this measures answering "
-        "unseen requests in chat form, not writing code never seen. Answers: `chat/code_eval.json`.",
+        f"{versus} Held-out requests are a hash slice of the tasks ({code['val_from_heldout_files']} of them from "
+        "files pretraining never saw): the base model read most of these functions' code in pretraining, as the "
+        "chat model did, so this measures answering unseen requests in chat form, not writing code never seen. "
+        "Answers: `chat/code_eval.json`.",
         "",
     ]
     shown = next((a for a in code["answers"] if a["chat"].strip()), None)

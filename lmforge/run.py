@@ -53,7 +53,7 @@ PRESETS = {
         matrix_lr=0.02, schedule="wsd", warmup_steps=50, decay_frac=0.4, eval_every=250, eval_tokens=32768,
         ckpt_every=500), sft=dict(fit=dict(
         epochs=3.0, batch_size=16, lr=1e-3, warmup_steps=10, eval_every=50, ckpt_every=10_000)),
-        sft_reserve_s=150, sft_eval_tasks=None),
+        sft_reserve_s=120, sft_eval_tasks=None),
     "tiny": Preset(vocab_size=1024, corpus_max_bytes=3_000_000, tokenizer_max_bytes=1_000_000, train=dict(
         depth=2, aspect_ratio=32, head_dim=32, seq_len=128, batch_size=8, optimizer="muon", lr=3e-3, matrix_lr=0.02,
         schedule="wsd", warmup_steps=10, decay_frac=0.4, eval_every=50, eval_tokens=8192, ckpt_every=100),
