@@ -1,7 +1,9 @@
 """Synthetic test data for the data pipeline, made on the spot from a seed: nothing downloaded.
 
-Planted personal data of every kind pii.py redacts, and look-alikes it must leave alone, each
-generated with its ground truth so a test or benchmark can score recall and false positives.
+Planted personal data of every kind pii.py redacts, and look-alikes it must leave alone; and a
+whole synthetic web crawl (`make_web_corpus`: HTML files and a WARC) with exact and near
+duplicates at known edit distances, spam pages and planted PII, each with its ground truth, so
+tests and bench/ can score recall and false positives.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import random
 import string
 
-from lmforge.dataprep.pii import luhn_ok
+from lmforge.dataprep.pii import FINDERS, luhn_ok
 
+FINDER_KINDS = tuple(FINDERS)  # every kind pii.py finds
 _WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
           "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
 _TLDS = ("com", "org", "net", "io", "co.uk", "de", "fr", "info", "dev")
@@ -107,3 +110,159 @@ def look_alike(rng: random.Random, kind: str) -> str:
 
 def sentence(rng: random.Random, n: int = 8) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(n)).capitalize()
+
+
+# ----------------------------------------------------------------------------- a synthetic web crawl
+
+_PROSE = {
+    "det": "the a this that every each some no our their".split(),
+    "noun": ("river garden engine village teacher market library window harbour bridge farmer doctor "
+             "museum painter kitchen mountain student council railway forest journal festival bakery "
+             "orchestra lantern meadow factory island").split(),
+    "verb": ("builds finds keeps opens carries follows watches repairs paints measures visits protects "
+             "describes welcomes gathers explains").split(),
+    "adj": ("old quiet busy small bright careful famous early northern simple heavy gentle local wooden "
+            "patient").split(),
+    "prep": "near under beside across behind within beyond around".split(),
+}
+_SPAM = ("cheap pills buy now best price casino bonus free money click here win big limited offer "
+         "viagra discount crypto giveaway").split()
+
+
+def prose_sentence(rng: random.Random) -> str:
+    """A grammatical English sentence (determiners and prepositions give the stop words quality filters
+    look for)."""
+    p = _PROSE
+    words = [rng.choice(p["det"]), rng.choice(p["adj"]), rng.choice(p["noun"]), rng.choice(p["verb"]),
+             rng.choice(p["det"]), rng.choice(p["noun"]), rng.choice(p["prep"]), "the", rng.choice(p["noun"])]
+    if rng.random() < 0.5:
+        words += ["and", rng.choice(p["verb"]), "it", rng.choice(p["prep"]), "the", rng.choice(p["adj"]),
+                  rng.choice(p["noun"])]
+    return " ".join(words).capitalize() + rng.choice((".", ".", ".", "!", "?"))
+
+
+def prose_paragraphs(rng: random.Random, n: int) -> list[str]:
+    return [" ".join(prose_sentence(rng) for _ in range(rng.randint(4, 8))) for _ in range(n)]
+
+
+def edit_words(rng: random.Random, text: str, num_edits: int) -> str:
+    """The text with num_edits random word substitutions, insertions or deletions (paragraphs kept)."""
+    paragraphs = [p.split(" ") for p in text.split("\n\n")]
+    vocab = [w for ws in _PROSE.values() for w in ws]
+    for _ in range(num_edits):
+        words = rng.choice([p for p in paragraphs if len(p) > 1])
+        i, op = rng.randrange(len(words)), rng.randrange(3)
+        if op == 0:
+            words[i] = rng.choice(vocab)
+        elif op == 1:
+            words.insert(i, rng.choice(vocab))
+        else:
+            del words[i]
+    return "\n\n".join(" ".join(p) for p in paragraphs)
+
+
+def shingle_jaccard(a: str, b: str, n: int = 5) -> float:
+    """Jaccard similarity of two texts' word n-gram sets (lower-cased): what MinHash estimates."""
+    def grams(t):
+        w = t.lower().split()
+        return {tuple(w[i:i + n]) for i in range(max(1, len(w) - n + 1))}
+    ga, gb = grams(a), grams(b)
+    return len(ga & gb) / max(1, len(ga | gb))
+
+
+def spam_text(rng: random.Random) -> tuple[str, str]:
+    """(kind, text) of a page every quality filter should drop."""
+    kind = rng.choice(("keyword stuffing", "lorem ipsum", "link farm", "too short"))
+    if kind == "keyword stuffing":
+        text = "\n\n".join(" ".join(rng.choice(_SPAM) for _ in range(60)) for _ in range(4))
+    elif kind == "lorem ipsum":
+        text = "\n\n".join("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
+                           "incididunt ut labore et dolore magna aliqua." for _ in range(6))
+    elif kind == "link farm":
+        text = "\n".join(f"{rng.choice(_SPAM)} {rng.choice(_SPAM)}" for _ in range(80))
+    else:
+        text = "Welcome! " + rng.choice(_SPAM).capitalize() + "."
+    return kind, text
+
+
+def html_page(title: str, text: str) -> str:
+    """A page with boilerplate around the article, as crawled pages have."""
+    body = "\n".join(f"<p>{p}</p>" for p in text.split("\n\n"))
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head><body>\n"
+            "<nav><a href=\"/\">Home</a> | <a href=\"/about\">About</a> | <a href=\"/contact\">Contact</a></nav>\n"
+            f"<article><h1>{title}</h1>\n{body}\n</article>\n"
+            "<footer>Copyright 2026. All rights reserved. <a href=\"/privacy\">Privacy</a></footer>\n</body></html>\n")
+
+
+def warc_record(url: str, html: str, record_id: str, date: str = "2026-11-01T00:00:00Z") -> bytes:
+    """One gzip member holding a WARC/1.0 response record, as Common Crawl writes them (one member per
+    record, so readers can seek record by record)."""
+    import gzip
+
+    body = html.encode("utf-8")
+    http = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {url}\r\nWARC-Date: {date}\r\n"
+            f"WARC-Record-ID: <urn:uuid:{record_id}>\r\nContent-Type: application/http; msgtype=response\r\n"
+            f"Content-Length: {len(http)}\r\n\r\n").encode()
+    return gzip.compress(head + http + b"\r\n\r\n", mtime=0)
+
+
+def make_web_corpus(out_dir, *, seed: int = 0, num_originals: int = 200, exact_dups: int = 40,
+                    near_dup_edits: tuple[int, ...] = (1, 2, 3, 5, 8), near_dups_per_level: int = 16,
+                    spam_pages: int = 30, pii_pages: int = 60) -> dict:
+    """A crawl with known answers: half the pages as HTML files under out_dir/html/, half as response
+    records in out_dir/crawl.warc.gz. Planted: exact copies of originals (under another URL), near
+    copies at known word-edit counts (their 5-gram Jaccard to the original recorded), spam pages,
+    and pages carrying PII (one value of each kind) beside look-alikes. Returns the ground truth, also
+    written to out_dir/truth.json; document ids are the HTML file's path or the record's URL."""
+    import json
+    import uuid
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    (out / "html").mkdir(parents=True, exist_ok=True)
+    pages: list[dict] = []
+    for i in range(num_originals):
+        pages.append({"kind": "original", "title": f"{rng.choice(_PROSE['adj']).title()} "
+                      f"{rng.choice(_PROSE['noun']).title()} {i}", "text": "\n\n".join(
+                          prose_paragraphs(rng, rng.randint(3, 5)))})
+    originals = list(range(num_originals))
+    for i in range(pii_pages):  # PII goes into originals, so every kind also meets the dedup stages
+        page = pages[originals[i]]
+        planted = [[kind, fake_pii(rng, kind)] for kind in FINDER_KINDS]
+        alikes = [look_alike(rng, kind) for kind in rng.sample(LOOK_ALIKES, 3)]
+        lines = [f"Contact {v} for details." for _, v in planted] + [f"See item {v} in the list." for v in alikes]
+        page.update(text=page["text"] + "\n\n" + " ".join(lines), pii=planted, look_alikes=alikes)
+    for _ in range(exact_dups):
+        src = rng.choice(originals)
+        pages.append({**pages[src], "kind": "exact_dup", "of": src})
+    for edits in near_dup_edits:
+        for _ in range(near_dups_per_level):
+            src = rng.choice(originals)
+            text = edit_words(rng, pages[src]["text"], edits)
+            pages.append({**pages[src], "kind": "near_dup", "of": src, "edits": edits, "text": text,
+                          "jaccard": shingle_jaccard(pages[src]["text"], text)})
+    for _ in range(spam_pages):
+        kind, text = spam_text(rng)
+        pages.append({"kind": "spam", "spam": kind, "title": "Best deals", "text": text})
+    order = list(range(len(pages)))
+    rng.shuffle(order)
+    warc = bytearray()
+    for n, i in enumerate(order):
+        page = pages[i]
+        html = html_page(page["title"], page["text"])
+        if n % 2 == 0:
+            page["id"] = f"html/page_{i:05d}.html"
+            (out / page["id"]).write_text(html, encoding="utf-8")
+        else:
+            page["id"] = f"https://site{i % 17}.example/articles/{i:05d}"
+            warc += warc_record(page["id"], html, str(uuid.UUID(int=rng.getrandbits(128))))
+    (out / "crawl.warc.gz").write_bytes(bytes(warc))
+    truth = {"seed": seed, "pages": [{k: v for k, v in p.items() if k != "title"} for p in pages]}
+    for page in truth["pages"]:
+        if "of" in page:
+            page["of"] = pages[page["of"]]["id"]
+    (out / "truth.json").write_text(json.dumps(truth, indent=1))
+    return truth
