@@ -176,8 +176,9 @@ def spam_text(rng: random.Random) -> tuple[str, str]:
     if kind == "keyword stuffing":
         text = "\n\n".join(" ".join(rng.choice(_SPAM) for _ in range(60)) for _ in range(4))
     elif kind == "lorem ipsum":
-        text = "\n\n".join("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
-                           "incididunt ut labore et dolore magna aliqua." for _ in range(6))
+        lorem = ("dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore "
+                 "magna aliqua enim minim veniam quis nostrud exercitation ullamco laboris nisi aliquip").split()
+        text = "\n\n".join("Lorem ipsum " + " ".join(rng.choice(lorem) for _ in range(40)) + "." for _ in range(6))
     elif kind == "link farm":
         text = "\n".join(f"{rng.choice(_SPAM)} {rng.choice(_SPAM)}" for _ in range(80))
     else:
