@@ -1,7 +1,7 @@
 """The data pipeline: raw scraped text to clean, deduplicated, private token shards (issue 6).
 
-Built so far: readers.py (inputs and HTML extraction), dedup.py (near duplicates), pii.py
-(redaction) and synthetic.py (planted test data). The plan below records what
+Built so far: readers.py (inputs and HTML extraction), clean.py, filters.py (code), dedup.py
+(near duplicates), pii.py (redaction) and synthetic.py (planted test data). The plan below records what
 was measured of datatrove 0.10.1 offline (2026-11-23, on tiny inputs; scripts were throw-away), so
 the next steps build on facts rather than on its README.
 
