@@ -119,6 +119,28 @@ class EpochSampler:
         return order[k * self.batch_size:(k + 1) * self.batch_size]
 
 
+def save_settings(out_dir: Path, file: str, base: Path, tokenizer_path: Path, cfg) -> None:
+    """Record what a run started from (model folder, tokenizer file) and its config dataclass, so
+    --resume needs only the run folder (read_settings)."""
+    atomic_write_text(Path(out_dir) / file, json.dumps({"base": str(base), "tokenizer": str(tokenizer_path),
+                                                        "config": asdict(cfg)}, indent=2))
+
+
+def read_settings(out_dir: str | Path, file: str, what: str) -> tuple[Path, Path, dict]:
+    """(model folder, tokenizer file, config as a dict) save_settings wrote in out_dir."""
+    path = Path(out_dir) / file
+    if not path.exists():
+        raise LmforgeError(f"--resume: {path} not found; {out_dir} is not {what}")
+    saved = json.loads(path.read_text())
+    return Path(saved["base"]), Path(saved["tokenizer"]), saved["config"]
+
+
+def rewind_metrics(path: Path, step: int) -> None:
+    """On resume, drop the metrics a killed run logged after its last checkpoint (they are logged again)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    path.write_text("".join(f"{s}\n" for s in lines if s and json.loads(s)["step"] <= step))
+
+
 @dataclass
 class FitConfig:
     out_dir: str
@@ -164,8 +186,7 @@ def fit(model: torch.nn.Module, train: Batch, val: Batch | None, loss_fn: LossFn
             raise LmforgeError(f"--resume: {out_dir} has no checkpoint to resume from; start without --resume")
         state = load_checkpoint(ckpt, model, optimizers)
         step, sampler.position = state["step"], state["sampler_position"]
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        metrics_path.write_text("".join(f"{s}\n" for s in lines if s and json.loads(s)["step"] <= step))
+        rewind_metrics(metrics_path, step)
         print0(f"resuming from {ckpt} (step {step})")
     else:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from lmforge.checkpoint import latest_checkpoint, load_checkpoint, load_model, s
 from lmforge.common import LmforgeError, atomic_write_text, autocast, get_device, print0, resolve_dtype, seed_everything
 from lmforge.conversations import chat_template, pad_token_id, render_template
 from lmforge.optim import build_optimizers, lr_multiplier, set_lr
-from lmforge.posttrain import pad_rows
+from lmforge.posttrain import pad_rows, read_settings, rewind_metrics, save_settings
 from lmforge.tokenizer import load_tokenizer
 
 
@@ -205,11 +205,8 @@ SETTINGS_FILE = "rl_settings.json"  # what --resume restores: the starting model
 
 def load_settings(out_dir: str | Path) -> tuple[Path, Path, RLConfig]:
     """(starting model folder, tokenizer file, settings) an RL run was started with, for --resume."""
-    path = Path(out_dir) / SETTINGS_FILE
-    if not path.exists():
-        raise LmforgeError(f"--resume: {path} not found; {out_dir} is not an RL run folder")
-    saved = json.loads(path.read_text())
-    return Path(saved["base"]), Path(saved["tokenizer"]), RLConfig(**saved["config"])
+    folder, tokenizer_path, config = read_settings(out_dir, SETTINGS_FILE, "an RL run folder")
+    return folder, tokenizer_path, RLConfig(**config)
 
 
 def turn_end_id(tokenizer) -> int:
@@ -276,13 +273,11 @@ def rl(folder: Path, tokenizer_path: Path, cfg: RLConfig, *, resume: bool = Fals
         if ckpt is None:
             raise LmforgeError(f"--resume: {out} has no checkpoint; start without --resume")
         step = load_checkpoint(ckpt, model, optimizers)["step"]
-        lines = metrics_path.read_text().splitlines()
-        metrics_path.write_text("".join(f"{s}\n" for s in lines if json.loads(s)["step"] <= step))
+        rewind_metrics(metrics_path, step)
     else:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
-        atomic_write_text(out / SETTINGS_FILE, json.dumps({"base": str(folder), "tokenizer": str(tokenizer_path),
-                                                           "config": asdict(cfg)}, indent=2))
+        save_settings(out, SETTINGS_FILE, folder, tokenizer_path, cfg)
 
     def log(record: dict):
         with open(metrics_path, "a") as f:

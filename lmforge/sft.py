@@ -25,7 +25,7 @@ import torch
 from lmforge.checkpoint import load_model, save_model_folder
 from lmforge.common import LmforgeError, atomic_write_text, get_device, print0, resolve_dtype, seed_everything
 from lmforge.conversations import held_out, pad_token_id, read_conversations, render
-from lmforge.posttrain import FitConfig, fit, fit_to_context, pack
+from lmforge.posttrain import FitConfig, fit, fit_to_context, pack, read_settings, save_settings
 from lmforge.tokenizer import load_tokenizer
 
 SETTINGS_FILE = "sft_settings.json"  # what --resume restores
@@ -50,15 +50,11 @@ class SFTConfig:
 
 def load_settings(out_dir: str | Path) -> tuple[Path, Path, SFTConfig]:
     """(base model folder, tokenizer file, settings) an SFT run was started with, for --resume."""
-    path = Path(out_dir) / SETTINGS_FILE
-    if not path.exists():
-        raise LmforgeError(f"--resume: {path} not found; {out_dir} is not a fine-tuning run folder")
-    saved = json.loads(path.read_text())
-    config = saved["config"]
+    folder, tokenizer_path, config = read_settings(out_dir, SETTINGS_FILE, "a fine-tuning run folder")
     targets = config.pop("lora_targets")
     cfg = SFTConfig(**{**config, "fit": FitConfig(**config["fit"]),
                        "lora_targets": tuple(targets) if targets else None})
-    return Path(saved["base"]), Path(saved["tokenizer"]), cfg
+    return folder, tokenizer_path, cfg
 
 
 def build_rows(tokenizer, conversations: list[list[dict]], seq_len: int, too_long: str,
@@ -114,8 +110,7 @@ def sft(folder: Path, tokenizer_path: Path, cfg: SFTConfig, *, resume: bool = Fa
     out = Path(cfg.fit.out_dir)
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / SETTINGS_FILE, json.dumps({"base": str(folder), "tokenizer": str(tokenizer_path),
-                                                           "config": asdict(cfg)}, indent=2))
+        save_settings(out, SETTINGS_FILE, folder, tokenizer_path, cfg)
     lora = None
     if cfg.lora_rank > 0:
         from lmforge.lora import DEFAULT_TARGETS, LoraConfig, apply_lora
