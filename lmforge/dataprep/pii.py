@@ -110,22 +110,18 @@ def _ips(text: str) -> list[Span]:
     return spans
 
 
+def _digit_checked(pattern: re.Pattern, text: str, ok: Callable[[str], bool]) -> list[Span]:
+    """Spans of the pattern's matches whose digits (separators removed) pass `ok`."""
+    return [m.span() for m in pattern.finditer(text) if ok(re.sub(r"\D", "", m.group()))]
+
+
 def _phones(text: str) -> list[Span]:
-    spans = []
-    for m in _PHONE.finditer(text):
-        digits = re.sub(r"\D", "", m.group())
-        if 10 <= len(digits) <= 15:
-            spans.append(m.span())
-    return spans
+    return _digit_checked(_PHONE, text, lambda digits: 10 <= len(digits) <= 15)
 
 
 def _cards(text: str) -> list[Span]:
-    spans = []
-    for m in _CARD.finditer(text):
-        digits = re.sub(r"\D", "", m.group())
-        if 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) and luhn_ok(digits):
-            spans.append(m.span())
-    return spans
+    return _digit_checked(_CARD, text, lambda digits: 13 <= len(digits) <= 19 and bool(_CARD_PREFIX.match(digits))
+                          and luhn_ok(digits))
 
 
 def _secrets(text: str) -> list[Span]:
