@@ -1,6 +1,7 @@
 """Near-duplicates on the synthetic crawl: planted copies found, distinct pages never merged, the same
 survivors whatever the number of tasks."""
 
+import gzip
 import json
 
 from datatrove.executor import LocalPipelineExecutor
@@ -38,6 +39,6 @@ def test_planted_near_duplicates_are_found_without_false_merges(tmp_path):
     for i, s in survivor.items():
         clusters.setdefault(s, set()).add(group[i])
     assert all(len(originals) == 1 for originals in clusters.values())  # never two different pages merged
-    kept = [json.loads(line) for f in (tmp_path / "out1").glob("*") for line in __import__("gzip").open(f)]
+    kept = [json.loads(line) for f in (tmp_path / "out1").glob("*") for line in gzip.open(f)]
     assert len(kept) == one["counts"]["kept"] == len(pages) - one["counts"]["dropped_near_duplicate"]
     assert len({group[page_id(d["id"])] for d in kept}) == len({group[i] for i in pages})  # one of each remains

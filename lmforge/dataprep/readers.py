@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
+import trafilatura
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseDiskReader
@@ -143,8 +144,6 @@ class HtmlExtractor(BaseFilter):
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if doc.metadata.get("format") != "html":
             return True
-        import trafilatura
-
         try:
             text = trafilatura.extract(doc.text, favor_precision=True, include_comments=False, include_tables=True,
                                        deduplicate=False)
