@@ -1,23 +1,29 @@
 """Inputs of the data pipeline as datatrove steps, every record accounted for.
 
+    InputReader(folder)      every file under folder, each read by its suffix as one of these:
     TextFileReader(folder)   each file one document: text, code or HTML (format from its suffix)
     WarcReader(folder)       WARC (HTML responses) and WET (text conversions) archives, .warc(.gz)/.wet(.gz)
+    JSONL / Parquet          one document per record with a text field (.jsonl, .jsonl.gz, .parquet)
     HtmlExtractor()          HTML -> the page's main text (trafilatura), boilerplate gone
 
-datatrove's JsonlReader/ParquetReader serve JSONL and Parquet; these cover what it lacks or does
-silently (its WarcReader skips records without a count and needs libmagic; its extractor runs
-trafilatura in a child with a 1 s timeout, counts a crash as a timeout rather than a drop, and
-keeps a per-process dedup cache that makes output depend on what a worker saw before).
+datatrove has readers for all of these, but they skip what they cannot read without a count (a
+malformed JSON line or an empty text is a log line; its WarcReader skips records silently and
+needs libmagic), and its extractor runs trafilatura in a child with a 1 s timeout, counts a crash
+as a timeout rather than a drop, and keeps a per-process dedup cache that makes output depend on
+what a worker saw before. Files are the unit of work: datatrove hands each task whole files, so
+one big archive is read by one worker (split large inputs into several files to read in parallel).
 
 Counting, in the step's datatrove stats: `documents_in` for every record that could be a document,
-`dropped_<reason>` for each one that is not kept, and for WARC records that are not documents at
-all (requests, warcinfo, metadata) `skipped_<type>`. Bytes that are not UTF-8 are read as Latin-1
+`dropped_<reason>` for each one that is not kept (binary, empty, bad_json, no_text_field,
+http_status_not_200, not_html), and for WARC records that are not documents at all (requests,
+warcinfo, metadata) `skipped_<type>`. Bytes that are not UTF-8 are read as Latin-1
 (counted as `decoded_latin1`) rather than dropped: the cleaning step repairs mojibake.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import BinaryIO
@@ -39,27 +45,6 @@ def decode(raw: bytes, step, charset: str = "utf-8") -> str:
     except (UnicodeDecodeError, LookupError):
         step.stat_update("decoded_latin1")
         return raw.decode("latin-1")
-
-
-class TextFileReader(BaseDiskReader):
-    """Each file under data_folder (default glob: every file) as one document, its id the relative path;
-    metadata["format"] is "html", "code" or "text" by suffix."""
-
-    name = "📄 text files"
-
-    def read_file(self, filepath: str) -> DocumentsPipeline:
-        with self.data_folder.open(filepath, "rb") as f:
-            raw = f.read()
-        self.stat_update("documents_in")
-        text = decode(raw, self)
-        if not text.strip():
-            self.stat_update("dropped_empty")
-            return
-        suffix = PurePosixPath(filepath).suffix.lower()
-        kind = "html" if suffix in HTML_SUFFIXES else "code" if suffix in CODE_SUFFIXES else "text"
-        document = self.get_document_from_dict({"text": text, "id": filepath, "format": kind}, filepath, 0)
-        if document:
-            yield document
 
 
 def warc_records(stream: BinaryIO) -> Iterator[tuple[dict[str, str], bytes]]:
@@ -92,16 +77,98 @@ def _http_parts(block: bytes) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
-class WarcReader(BaseDiskReader):
-    """HTML responses of WARC files (metadata format "html", for HtmlExtractor) and text conversions of
-    WET files (format "text"); the document id is the record's target URI, metadata["url"] too."""
+def input_kind(path: str) -> str:
+    """"warc", "jsonl", "parquet" or "file" (one document per file), from the file name."""
+    name = path.lower().removesuffix(".gz")
+    if name.endswith((".warc", ".wet", ".arc")):
+        return "warc"
+    if name.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    return "parquet" if name.endswith(".parquet") else "file"
 
-    name = "🕷 WARC"
 
-    def __init__(self, data_folder, glob_pattern: str | None = "*.w[ae][rt]*", **kwargs):
+class InputReader(BaseDiskReader):
+    """Every file under data_folder (or the files glob_pattern names), each read by its kind (input_kind).
+    Document ids: a file's path relative to data_folder; a record's URL (WARC); a JSONL/Parquet record's
+    id_key field, else "path:line" / "path:row". id_prefix goes before every id, so several inputs
+    of one run cannot collide."""
+
+    name = "📥 inputs"
+
+    def __init__(self, data_folder, glob_pattern: str | None = None, *, id_prefix: str = "", **kwargs):
         super().__init__(data_folder, glob_pattern=glob_pattern, **kwargs)
+        self.id_prefix = id_prefix
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
+        kind = input_kind(filepath)
+        read = {"warc": self.read_warc, "jsonl": self.read_jsonl, "parquet": self.read_parquet}.get(kind)
+        yield from (read or self.read_one)(filepath)
+
+    def _document(self, text: str, doc_id: str, filepath: str, index: int, **metadata) -> Document | None:
+        if not text.strip():
+            self.stat_update("dropped_empty")
+            return None
+        return self.get_document_from_dict({"text": text, "id": self.id_prefix + doc_id, **metadata}, filepath, index)
+
+    def read_one(self, filepath: str) -> DocumentsPipeline:
+        """The whole file as one document; metadata["format"] is "html", "code" or "text" by suffix."""
+        with self.data_folder.open(filepath, "rb") as f:
+            raw = f.read()
+        self.stat_update("documents_in")
+        if b"\x00" in raw[:8192]:  # images, archives, compiled files: no text to read
+            self.stat_update("dropped_binary")
+            return
+        suffix = PurePosixPath(filepath).suffix.lower()
+        kind = "html" if suffix in HTML_SUFFIXES else "code" if suffix in CODE_SUFFIXES else "text"
+        document = self._document(decode(raw, self), filepath, filepath, 0, format=kind)
+        if document:
+            yield document
+
+    def _record(self, record, filepath: str, index: int, where: str) -> Document | None:
+        """One JSONL/Parquet record (already parsed) as a prose document, or a counted drop."""
+        self.stat_update("documents_in")
+        if not isinstance(record, dict):
+            self.stat_update("dropped_bad_json")
+            return None
+        text = record.get(self.text_key)
+        if not isinstance(text, str):
+            self.stat_update("dropped_no_text_field")
+            return None
+        doc_id = record.get(self.id_key)
+        doc_id = str(doc_id) if doc_id is not None else f"{filepath}:{where}"
+        extra = {k: record[k] for k in ("url", "date") if isinstance(record.get(k), str)}
+        return self._document(text, doc_id, filepath, index, format="text", **extra)
+
+    def read_jsonl(self, filepath: str) -> DocumentsPipeline:
+        with self.data_folder.open(filepath, "rb", compression="infer") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    self.stat_update("documents_in")
+                    self.stat_update("dropped_bad_json")
+                    continue
+                document = self._record(record, filepath, line_no, str(line_no))
+                if document:
+                    yield document
+
+    def read_parquet(self, filepath: str) -> DocumentsPipeline:
+        import pyarrow.parquet as pq
+
+        with self.data_folder.open(filepath, "rb") as f, pq.ParquetFile(f) as table:
+            row = 0
+            for batch in table.iter_batches(batch_size=1000):
+                for record in batch.to_pylist():
+                    document = self._record(record, filepath, row, str(row))
+                    row += 1
+                    if document:
+                        yield document
+
+    def read_warc(self, filepath: str) -> DocumentsPipeline:
+        """HTML responses of WARC files (format "html", for HtmlExtractor) and text conversions of WET
+        files (format "text"); the id is the record's target URI, also metadata["url"]."""
         with self.data_folder.open(filepath, "rb") as raw:
             stream = gzip.open(raw) if filepath.endswith(".gz") else raw
             for index, (headers, block) in enumerate(warc_records(stream)):
@@ -125,14 +192,31 @@ class WarcReader(BaseDiskReader):
                 else:
                     self.stat_update(f"skipped_{kind}")  # requests, warcinfo, metadata: not documents
                     continue
-                if not text.strip():
-                    self.stat_update("dropped_empty")
-                    continue
-                document = self.get_document_from_dict(
-                    {"text": text, "id": url, "format": fmt, "url": url, "date": headers.get("warc-date")},
-                    filepath, index)
+                document = self._document(text, url, filepath, index, format=fmt, url=url,
+                                          date=headers.get("warc-date"))
                 if document:
                     yield document
+
+
+class TextFileReader(InputReader):
+    """Each file under data_folder as one document, whatever its suffix."""
+
+    name = "📄 text files"
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        yield from self.read_one(filepath)
+
+
+class WarcReader(InputReader):
+    """The WARC and WET archives under data_folder (.warc, .wet, gzipped or not)."""
+
+    name = "🕷 WARC"
+
+    def __init__(self, data_folder, glob_pattern: str | None = "*.w[ae][rt]*", **kwargs):
+        super().__init__(data_folder, glob_pattern=glob_pattern, **kwargs)
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        yield from self.read_warc(filepath)
 
 
 class HtmlExtractor(BaseFilter):
