@@ -1,5 +1,49 @@
-"""Filters of our own, beside datatrove's prose filters (Gopher, C4, FineWeb), which must not see code:
-C4's drops any document with "{", Gopher's wants stop words.
+"""Filters: the published quality heuristics for prose (datatrove's, wrapped), our code filter, and the
+harmful-content filters. Every document dropped is dropped with a named reason, so datatrove's stats
+carry `dropped_<reason>` and documents in == kept + the sum of the dropped_ counts.
+
+Prose is a document whose metadata format is "text" (HTML is "text" once extracted) or that has no
+format at all (JSONL input); code ("code") and unextracted HTML ("html") pass the prose filters
+untouched. They must: C4's drops any document with "{" and Gopher's wants English stop words.
+
+    prose_filters()   datatrove's four, in this order, each wrapped in ProseOnly, each with the thresholds
+                      its paper published (datatrove's defaults) and our regex tokenizer (dedup.Words:
+                      datatrove's English default is spaCy); prose_filters(c4=False) leaves one out,
+                      prose_filters(fineweb={"short_line_thr": 0.8}) changes a threshold.
+      gopher_repetition  Gopher, Rae et al. 2021, appendix A, table A1; reasons gopher_rep_<datatrove's>:
+                         gopher_rep_dup_para_frac       over 30% of paragraphs are duplicates
+                         gopher_rep_dup_para_char_frac  over 20% of characters in duplicate paragraphs
+                         gopher_rep_dup_line_frac       over 30% of lines are duplicates
+                         gopher_rep_dup_line_char_frac  over 20% of characters in duplicate lines
+                         gopher_rep_top_{2,3,4}_gram    the most frequent 2/3/4-gram covers over 20/18/16%
+                                                        of the characters
+                         gopher_rep_duplicated_{5..10}_n_grams  duplicate 5..10-grams cover over
+                                                        15/14/13/12/11/10% of the characters
+                         gopher_rep_empty
+      gopher_quality     Gopher's quality rules (same appendix); datatrove's reasons, already gopher_:
+                         gopher_short_doc / gopher_long_doc  under 50 / over 100,000 words
+                         gopher_below_avg_threshold / gopher_above_avg_threshold  mean word length
+                                                        outside 3..10 characters
+                         gopher_too_many_hashes / gopher_too_many_ellipsis  "#" or "..." over 0.1 per word
+                         gopher_too_many_bullets        over 90% of lines start with a bullet
+                         gopher_too_many_end_ellipsis   over 30% of lines end with an ellipsis
+                         gopher_below_alpha_threshold   under 80% of words contain a letter
+                         gopher_enough_stop_words       fewer than 2 of the, be, to, of, and, that, have, with
+                                                        (datatrove's name: it means "not enough")
+      c4                 C4, Raffel et al. 2020, section 2.2, with filter_no_terminal_punct=False as FineWeb
+                         (Penedo et al. 2024) ran it. It REWRITES the text: drops lines under 3 words, lines
+                         mentioning "javascript" or cookie/terms-of-use policies, lines with a word over 1,000
+                         characters, and Wikipedia citation marks. Reasons:
+                         c4_too_few_sentences           under 5 sentences in the lines kept
+                         c4_lorem_ipsum, c4_curly_bracket  any "lorem ipsum" / any "{" drops the document
+      fineweb            FineWeb's own rules, Penedo et al. 2024:
+                         fineweb_line_punct_ratio       under 12% of lines end in terminal punctuation
+                         fineweb_short_line_ratio       over 67% of lines are 30 characters or shorter
+                         fineweb_char_dup_ratio         over 1% of characters in duplicate lines
+                         fineweb_list_ratio             over 0.3 newlines per word
+                         fineweb_empty
+    ProseOnly(inner, prefix)  any datatrove filter applied to prose only, its reasons prefixed (a plain
+                      False from it becomes <prefix>rejected); counts the documents it let by as not_prose.
 
     CodeFilter()   for documents whose metadata format is "code" (others pass); the rules and
                    thresholds The Stack / StarCoder published for source files:
@@ -10,14 +54,46 @@ C4's drops any document with "{", Gopher's wants stop words.
                                            the first 5 lines
                      code_data_like        over 50% of the non-blank lines are only literals and
                                            separators (number tables, byte arrays, long string lists)
+
+Harmful content
+    UrlBlocklist(blocklist_files)  datatrove's URLFilter, on every document with metadata["url"] (others
+                   pass), offline: the bundled public-suffix snapshot, never a fetch. A small default list
+                   (BLOCKED_DOMAINS) plus files of one domain or URL per line; datatrove's integrated
+                   list (use_integrated_lists=True) costs ~740 MB and 2 s per worker. Reasons:
+                     url_domain       the registered domain is listed (so every subdomain of it is dropped)
+                     url_subdomain    the full host name is listed
+                     url_listed       the URL is listed, exactly
+                     url_hard_blacklisted / url_soft_blacklisted / url_blacklisted_subword  datatrove's
+                                      word rules, only with word lists passed in (or the integrated ones)
+    WordListFilter(word_files)  prose only: harmful_words when at least min_hits=2 occurrences of listed
+                   words or phrases (whole words, any case) are found. C4 dropped a page on one word of the
+                   LDNOOBW list, which Dodge et al. 2021 found removes text by and about minority groups.
+    language_filter(model_path)  prose only, and only with a fastText language-ID model file the user gives
+                   (nothing is downloaded): language_<predicted> when no wanted language scores over 0.65
+                   (the threshold FineWeb used), language_uncertain when the best is wanted but under it.
+                   Without a file: None (the pipeline says once that language filtering is off).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
+from collections.abc import Iterable
+from itertools import islice
+from pathlib import Path
 
 from datatrove.data import Document
-from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    URLFilter,
+)
+from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
+from tldextract import TLDExtract
+
+from lmforge.dataprep.dedup import Words
 
 _AUTOGENERATED = re.compile(r"auto-?generated|autogenerated|do not edit|generated by|<auto-generated", re.IGNORECASE)
 # A line of literals only: its pieces between separators and brackets are all numbers (any base) or
@@ -57,3 +133,205 @@ class CodeFilter(BaseFilter):
         if filled and sum(map(is_data_line, filled)) / len(filled) > self.max_data_line_fraction:
             return False, "code_data_like"
         return True
+
+
+# ----------------------------------------------------------------------------- prose quality
+
+def is_prose(doc: Document) -> bool:
+    """Format "text", or none at all (JSONL input carries none); "code" and unextracted "html" are not."""
+    return doc.metadata.get("format", "text") == "text"
+
+
+class ProseOnly(BaseFilter):
+    """inner.filter on prose documents only; others pass untouched. Each reason of inner's is prefixed (once:
+    Gopher quality's already start with "gopher_"), so reasons stay unique across filters; a plain False
+    from inner becomes <prefix>rejected."""
+
+    def __init__(self, inner: BaseFilter, prefix: str, exclusion_writer=None):
+        self.name = inner.name  # before BaseFilter's __init__, which names the step's stats after it
+        super().__init__(exclusion_writer)
+        self.inner, self.prefix = inner, prefix
+        inner.stats = self.stats  # inner's own counters (C4's line-level ones) land in this step's stats
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if not is_prose(doc):
+            self.stat_update("not_prose")
+            return True
+        keep, reason = get_filter_result(self.inner.filter(doc))
+        if keep:
+            return True
+        reason = reason or "rejected"
+        return False, reason if reason.startswith(self.prefix) else self.prefix + reason
+
+
+# name: (datatrove's filter, reason prefix, settings other than datatrove's defaults, which are the published
+# thresholds). C4 without the terminal-punctuation line rule, as FineWeb ran it: with it, C4 keeps only
+# lines ending in . ! ? " and drops most of the list and heading lines of ordinary pages.
+PROSE_FILTERS = {
+    "gopher_repetition": (GopherRepetitionFilter, "gopher_rep_", {}),
+    "gopher_quality": (GopherQualityFilter, "gopher_", {}),
+    "c4": (C4QualityFilter, "c4_", {"filter_no_terminal_punct": False}),
+    "fineweb": (FineWebQualityFilter, "fineweb_", {}),
+}
+
+
+def prose_filters(**settings: bool | dict) -> list[BaseFilter]:
+    """The four prose filters in order, each in ProseOnly. A setting per filter name: False leaves it out,
+    a dict passes keyword arguments to the datatrove class (thresholds; "exclusion_writer" goes to the
+    wrapper, which is the step that drops)."""
+    unknown = set(settings) - set(PROSE_FILTERS)
+    if unknown:
+        raise ValueError(f"prose_filters: no filter named {sorted(unknown)}; the names are {list(PROSE_FILTERS)}")
+    steps = []
+    for name, (filter_class, prefix, defaults) in PROSE_FILTERS.items():
+        setting = settings.get(name, True)
+        if setting is False:
+            continue
+        kwargs = {"language": Words(), **defaults, **(setting if isinstance(setting, dict) else {})}
+        writer = kwargs.pop("exclusion_writer", None)
+        steps.append(ProseOnly(filter_class(**kwargs), prefix, exclusion_writer=writer))
+    return steps
+
+
+# ----------------------------------------------------------------------------- harmful content
+
+def read_list(path: str | Path) -> list[str]:
+    """The entries of a list file: one per line, blank lines and lines starting with "#" skipped."""
+    lines = (line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+# Large adult sites: the default list only shows the mechanism working; a real run passes its own files
+# (or use_integrated_lists=True: datatrove's list, ~740 MB and 2 s per worker).
+BLOCKED_DOMAINS = ("pornhub.com", "xvideos.com", "xnxx.com", "xhamster.com", "redtube.com", "youporn.com",
+                   "spankbang.com", "chaturbate.com")
+
+
+class UrlBlocklist(URLFilter):
+    """datatrove's URLFilter, offline and tolerant: documents without metadata["url"] pass (datatrove's
+    asserts one); the public-suffix list is tldextract's bundled snapshot, never fetched (datatrove's
+    TLDExtract() downloads it on first use), and nothing is cached to disk. Applies to prose and code
+    alike: a URL names where a document came from, whatever it holds.
+
+    blocklist_files: one entry per line, "#" comments; an entry with a "/" is a URL matched exactly (scheme
+    included, as the documents carry it), otherwise a domain: a registered domain blocks all its
+    subdomains, a longer host name blocks that host only."""
+
+    name = "🚫 URL blocklist"
+
+    def __init__(self, blocklist_files: Iterable[str | Path] = (), *, default_list: bool = True,
+                 use_integrated_lists: bool = False, exclusion_writer=None, **url_filter_kwargs):
+        domains, urls = set(BLOCKED_DOMAINS if default_list else ()), set()
+        for path in blocklist_files:
+            for entry in read_list(path):
+                if "/" in entry:
+                    urls.add(entry)
+                else:
+                    domains.add(entry.lower())
+        super().__init__(extra_domains=domains, extra_urls=urls, use_integrated_lists=use_integrated_lists,
+                         exclusion_writer=exclusion_writer, **url_filter_kwargs)
+        self.tldextractor = TLDExtract(cache_dir=None, suffix_list_urls=())
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if not doc.metadata.get("url"):
+            self.stat_update("no_url")
+            return True
+        keep, reason = get_filter_result(super().filter(doc))
+        return True if keep else (False, "url_listed" if reason == "url" else f"url_{reason}")
+
+
+# Markers of adult spam and hate slogans, chosen to rarely occur in ordinary prose: no identity, body or
+# health words (the LDNOOBW list C4 used has them, and that is what over-filtered), no slurs in the
+# source (pass a list file, such as LDNOOBW's, for wider coverage).
+HARMFUL_WORDS = ("porn", "porno", "pornhub", "xvideos", "xnxx", "hentai", "camgirl", "camgirls", "sex cam",
+                 "sex cams", "live sex", "sex chat", "hardcore sex", "milf", "milfs", "blowjob", "cumshot",
+                 "gangbang", "heil hitler", "sieg heil", "white power", "race traitor")
+
+
+class WordListFilter(BaseFilter):
+    """harmful_words: at least min_hits occurrences of listed words or phrases, whole words, any case (a
+    phrase's words may be split by any whitespace). One incidental word keeps the document; C4 dropped on
+    one. Prose only: code is full of identifiers and placeholders (XXX, kill, master) that collide with
+    such lists, and code corpora (The Stack) are curated by source and licence, not by word lists.
+
+    word_files: one word or phrase per line, "#" comments; added to the default list unless
+    default_list=False."""
+
+    name = "🤬 harmful words"
+
+    def __init__(self, word_files: Iterable[str | Path] = (), *, default_list: bool = True, min_hits: int = 2,
+                 exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        terms = {t.lower() for t in HARMFUL_WORDS} if default_list else set()
+        for path in word_files:
+            terms.update(entry.lower() for entry in read_list(path))
+        if not terms:
+            raise ValueError("WordListFilter: no words to look for: default_list=False and no word_files given")
+        # longest first, so "sex cams" is one hit rather than "sex cam" and a dangling "s"
+        alternatives = (r"\s+".join(map(re.escape, t.split())) for t in sorted(terms, key=len, reverse=True))
+        self.pattern = re.compile(rf"(?<!\w)(?:{'|'.join(alternatives)})(?!\w)", re.IGNORECASE)
+        self.min_hits = min_hits
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if not is_prose(doc):
+            return True
+        hits = sum(1 for _ in islice(self.pattern.finditer(doc.text), self.min_hits))
+        if hits >= self.min_hits:
+            return False, "harmful_words"
+        if hits:
+            self.stat_update("kept_with_harmful_words")  # what a smaller min_hits would also drop
+        return True
+
+
+# ----------------------------------------------------------------------------- language
+
+def check_language_model(model_path: str | Path) -> None:
+    """Raise LmforgeError, naming the fix, unless model_path is a file and the fasttext module is installed."""
+    from lmforge.common import LmforgeError  # here, not at the top: common imports torch, workers need not
+
+    if not Path(model_path).is_file():
+        raise LmforgeError(f"language model {model_path}: no such file; give a fastText .bin (e.g. lid.176.bin)")
+    if importlib.util.find_spec("fasttext") is None:
+        raise LmforgeError(f"language model {model_path}: the fasttext module is missing; "
+                           "pip install fasttext-numpy2 (or lmforge[langid])")
+
+
+class FastTextLanguageFilter(BaseFilter):
+    """A fastText language-ID model from a file (datatrove's LanguageFilter downloads lid.176 from the hub).
+    Sets metadata language and language_score; drops with language_<predicted> when no language in
+    `languages` scores over threshold, or language_uncertain when the best guess is wanted but scores
+    under it. The model loads on first use, in each worker (it does not pickle)."""
+
+    name = "🌍 language ID"
+
+    def __init__(self, model_path: str | Path, languages: Iterable[str] = ("en",), threshold: float = 0.65,
+                 exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        check_language_model(model_path)
+        self.model_path, self.languages, self.threshold = str(model_path), tuple(languages), threshold
+        self._model = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_model": None}
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self._model is None:
+            from fasttext.FastText import _FastText  # fasttext.load_model is the same less a stderr warning
+
+            self._model = _FastText(model_path=self.model_path)
+        labels, scores = self._model.predict(doc.text.replace("\n", " "), k=-1)  # predict wants one line
+        scores = {label.removeprefix("__label__"): float(score) for label, score in zip(labels, scores)}
+        best = max(scores, key=scores.get)
+        doc.metadata["language"], doc.metadata["language_score"] = best, scores[best]
+        if any(scores.get(lang, 0.0) > self.threshold for lang in self.languages):
+            return True
+        return False, "language_uncertain" if best in self.languages else f"language_{best}"
+
+
+def language_filter(model_path: str | Path | None, languages: Iterable[str] = ("en",),
+                    threshold: float = 0.65) -> BaseFilter | None:
+    """A language filter on prose when a fastText model file is given; None when not (the pipeline says so
+    once, in its progress output and the manifest's config)."""
+    if model_path is None:
+        return None
+    return ProseOnly(FastTextLanguageFilter(model_path, languages, threshold), "language_")
