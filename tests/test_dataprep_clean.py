@@ -26,7 +26,7 @@ def test_repair_fixes_mojibake_and_controls_in_prose_but_not_code_quotes():
 def test_whitespace_prose_and_code():
     assert normalise_whitespace("a  b \r\n\r\n\r\n\n   c\u00a0\u00a0d   \n") == "a b\n\nc d"
     code = "import os\r\n\n\n\n\ndef f():\r\n    x  =  1   \n\n    return x\n"
-    assert normalise_whitespace(code, code=True) == "import os\n\n\ndef f():\n    x  =  1\n\n    return x"
+    assert normalise_whitespace(code, code=True) == "import os\n\n\ndef f():\n    x  =  1\n\n    return x\n"
 
 
 def test_cleaner_counts_and_drops_what_is_left_empty():
@@ -34,7 +34,7 @@ def test_cleaner_counts_and_drops_what_is_left_empty():
     docs = [Document(text="CafÃ©  au lait", id="a"), Document(text=" \n\r\n ", id="b"),
             Document(text=GOOD_CODE, id="c", metadata={"format": "code"})]
     out = list(cleaner.run(docs))
-    assert [d.text for d in out] == ["Café au lait", GOOD_CODE.rstrip("\n")]
+    assert [d.text for d in out] == ["Café au lait", GOOD_CODE.rstrip("\n") + "\n"]
     stats = {k: v.total for k, v in cleaner.stats.stats.items()}
     assert stats["total"] == 3 and stats["repaired_unicode"] == 1 and stats["dropped_empty"] == 1
 

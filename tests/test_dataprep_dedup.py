@@ -1,44 +1,60 @@
-"""Near-duplicates on the synthetic crawl: planted copies found, distinct pages never merged, the same
-survivors whatever the number of tasks."""
+"""Duplicate clusters: the smallest id survives whatever order or task the copies came in, exact and
+near copies are told apart, and DropDuplicates drops exactly the listed positions. (The planted-copy
+recall on the synthetic crawl is measured through the whole pipeline: test_dataprep_pipeline.py.)"""
 
-import gzip
 import json
+import struct
 
-from datatrove.executor import LocalPipelineExecutor
-from datatrove.pipeline.writers import JsonlWriter
+from datatrove.data import Document
 
-from lmforge.dataprep.dedup import near_duplicates
-from lmforge.dataprep.readers import HtmlExtractor, TextFileReader, WarcReader
-from lmforge.dataprep.synthetic import make_web_corpus
+from lmforge.dataprep.dedup import DropDuplicates, find_duplicates, text_hash
 
 
-def test_planted_near_duplicates_are_found_without_false_merges(tmp_path):
-    truth = make_web_corpus(tmp_path / "crawl", seed=11, num_originals=60, exact_dups=10,
-                            near_dup_edits=(1, 2, 3, 5), near_dups_per_level=10, spam_pages=6, pii_pages=6)
-    crawl = str(tmp_path / "crawl")
-    results = {}
-    for tasks in (1, 3):
-        docs = tmp_path / f"docs{tasks}"
-        LocalPipelineExecutor([WarcReader(crawl), TextFileReader(f"{crawl}/html"), HtmlExtractor(),
-                               JsonlWriter(str(docs))], tasks=tasks, workers=1, logging_dir=str(tmp_path / f"l{tasks}"),
-                              skip_completed=False).run()
-        results[tasks] = near_duplicates(docs, tmp_path / f"work{tasks}", tmp_path / f"out{tasks}", tasks=tasks,
-                                         workers=2)
-    one, three = results[1], results[3]
-    assert one["survivor_of"] == three["survivor_of"] and one["counts"] == three["counts"]
+def write_keys(folder, tasks):
+    folder.mkdir(parents=True, exist_ok=True)
+    for rank, docs in tasks.items():
+        (folder / f"{rank:05d}.keys").write_text("".join(json.dumps([i, text_hash(t)]) + "\n" for i, t in docs))
 
-    def page_id(doc_id):  # ids as the readers give them: URLs, or paths relative to html/
-        return doc_id if doc_id.startswith("http") else f"html/{doc_id}"
-    survivor = {page_id(k): page_id(v) for k, v in one["survivor_of"].items()}
-    pages = {p["id"]: p for p in truth["pages"]}
-    group = {i: p.get("of", i) for i, p in pages.items()}  # every page -> the original it copies
-    copies = [i for i, p in pages.items() if p["kind"] in ("exact_dup", "near_dup")]
-    found = [i for i in copies if i in survivor and survivor[i] == survivor.get(group[i])]
-    assert len(found) >= 0.95 * len(copies), (len(found), len(copies))
-    clusters = {}
-    for i, s in survivor.items():
-        clusters.setdefault(s, set()).add(group[i])
-    assert all(len(originals) == 1 for originals in clusters.values())  # never two different pages merged
-    kept = [json.loads(line) for f in (tmp_path / "out1").glob("*") for line in gzip.open(f)]
-    assert len(kept) == one["counts"]["kept"] == len(pages) - one["counts"]["dropped_near_duplicate"]
-    assert len({group[page_id(d["id"])] for d in kept}) == len({group[i] for i in pages})  # one of each remains
+
+def write_pairs(folder, pairs):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "00000.dups").write_bytes(b"".join(struct.pack("<4I", *p) for p in pairs))
+
+
+def test_smallest_id_survives_and_reasons_tell_exact_from_near(tmp_path):
+    # task 0: c, a, x; task 1: b, A (a in other case and spacing), y. MinHash paired c~b (near) and c~a.
+    write_keys(tmp_path / "keys", {0: [("c", "the cat sat on the mat"), ("a", "The cat  sat on the mat."),
+                                       ("x", "unrelated")],
+                                   1: [("b", "the cat sat on a mat"), ("a2", "the cat sat on the mat."),
+                                       ("y", "also unrelated")]})
+    write_pairs(tmp_path / "buckets", [(0, 0, 1, 0), (0, 0, 0, 1)])
+    survivor_of = find_duplicates(tmp_path / "keys", tmp_path / "buckets", tmp_path / "remove")
+    assert survivor_of == {"a": "a", "a2": "a", "b": "a", "c": "a"}
+    assert json.loads((tmp_path / "remove" / "00000.json").read_text()) == {"0": "near_duplicate"}
+    assert json.loads((tmp_path / "remove" / "00001.json").read_text()) == {"0": "near_duplicate",
+                                                                             "1": "exact_duplicate"}
+    # exact only: the MinHash pairs are ignored, a and a2 (same normalised text) still collapse
+    exact = find_duplicates(tmp_path / "keys", None, tmp_path / "remove_exact")
+    assert exact == {"a": "a", "a2": "a"}
+    none = find_duplicates(tmp_path / "keys", None, tmp_path / "remove_none", exact=False)
+    assert none == {} and not list((tmp_path / "remove_none").iterdir())
+
+
+def test_the_survivor_does_not_depend_on_how_documents_were_split_into_tasks(tmp_path):
+    docs = [(f"d{i}", f"same words here {i % 3}") for i in range(9)]  # three groups of three exact copies
+    write_keys(tmp_path / "k1", {0: docs})
+    write_keys(tmp_path / "k3", {0: docs[::3], 1: docs[1::3], 2: docs[2::3]})
+    one = find_duplicates(tmp_path / "k1", None, tmp_path / "r1")
+    three = find_duplicates(tmp_path / "k3", None, tmp_path / "r3")
+    assert one == three and set(one.values()) == {"d0", "d1", "d2"}
+
+
+def test_drop_duplicates_drops_the_listed_positions_with_their_reasons(tmp_path):
+    (tmp_path / "00001.json").write_text(json.dumps({"1": "exact_duplicate", "3": "near_duplicate"}))
+    step = DropDuplicates(tmp_path)
+    docs = [Document(text=f"t{i}", id=f"d{i}") for i in range(5)]
+    kept = [d.id for d in step.run(iter(docs), rank=1)]
+    assert kept == ["d0", "d2", "d4"]
+    stats = step.stats.stats
+    assert stats["dropped_exact_duplicate"].total == 1 and stats["dropped_near_duplicate"].total == 1
+    assert [d.id for d in DropDuplicates(tmp_path).run(iter(docs), rank=0)] == [d.id for d in docs]  # no list

@@ -2,9 +2,10 @@
 
     Cleaner()   ftfy repairs mojibake ("CafÃ©" -> "Café"), HTML entities left in text, control
                 characters and odd quotes; then line ends become "\\n", trailing spaces go, and runs of
-                blank lines shrink to one (two in code); in prose, leading and repeated spaces go too. Code
-                (metadata format "code") keeps every line's indentation and its own characters: only
-                line ends, trailing spaces and blank runs are touched.
+                blank lines shrink to one (two in code), none at either end (code ends in one "\\n");
+                in prose, leading and repeated spaces go too. Code (metadata format "code") keeps every
+                line's indentation and its own characters: only line ends, trailing spaces and blank
+                runs are touched.
 
 Stats: `repaired_unicode` for each document ftfy changed, `whitespace_normalised` for each one the
 whitespace pass changed, `dropped_empty` for a document with nothing left.
@@ -29,9 +30,8 @@ def normalise_whitespace(text: str, code: bool = False) -> str:
     text = _TRAILING.sub("", text)
     if not code:  # prose: indentation and runs of spaces carry nothing
         text = _INNER_SPACES.sub(" ", _LEADING.sub("", text))
-    if code:
-        return _CODE_BLANK_RUNS.sub("\n\n\n", text).strip("\n")
-    return _BLANK_RUNS.sub("\n\n", text).strip("\n")
+    text = (_CODE_BLANK_RUNS.sub("\n\n\n", text) if code else _BLANK_RUNS.sub("\n\n", text)).strip("\n")
+    return text + "\n" if code and text else text  # a source file ends in one newline, as POSIX and PEP 8 have it
 
 
 def repair(text: str, code: bool = False) -> str:

@@ -1,39 +1,35 @@
-"""Near-duplicate removal: MinHash over word 5-grams with LSH, on datatrove, the same output for any
-number of workers.
+"""Duplicate removal, exact and near, on datatrove, with the same survivors for any number of workers.
 
-    near_duplicates(docs_dir, work_dir, out_dir, tasks=4, workers=2) -> counts
+Pieces the pipeline (pipeline.py) puts in place:
+  RecordKeys      stage 1, beside MinhashDedupSignature: writes each document's id and the hash of its
+                  normalised text (`text_hash`: case folded, whitespace collapsed), in the order the task
+                  sees them (datatrove names documents by (task, index));
+  MinhashDedupSignature + MinhashDedupBuckets (datatrove's): MinHash over word 5-grams; in each of the
+                  14 bands, documents whose 8 hashes all agree become candidate pairs (FineWeb's 14 x 8:
+                  a pair with 5-gram Jaccard 0.75 is caught with probability 1 - (1 - 0.75^8)^14 = 0.92,
+                  one at 0.8 with 0.98, at 0.5 with 0.05);
+  find_duplicates union-find over those pairs and over equal text hashes; in each cluster the document
+                  with the smallest id survives. datatrove's own cluster step keeps whichever member wins
+                  its union-by-size merge, so which copy survived changed with the task count (measured);
+  DropDuplicates  stage 2: drops the rest, each as exact_duplicate (the same normalised text as a
+                  document with a smaller id) or near_duplicate.
 
-Stages (datatrove's, except the third):
-  1. signatures   MinhashDedupSignature per task, beside RecordKeys, which writes each document's id
-                  in the order the task sees them (datatrove names documents by (task, index));
-  2. buckets      MinhashDedupBuckets: in each of the 14 bands, documents whose 8 hashes all agree
-                  become candidate pairs (FineWeb's 14 x 8: a pair with 5-gram Jaccard 0.75 is caught
-                  with probability 1 - (1 - 0.75^8)^14 = 0.92, one at 0.8 with 0.98, at 0.5 with 0.05);
-  3. clusters     `cluster` (here): union-find over the pairs; in each cluster the document with the
-                  smallest id survives. datatrove's own cluster step keeps whichever member wins its
-                  union-by-size merge, so which copy survives changed with the task count (measured);
-  4. filter       MinhashDedupFilter drops the rest (the removed documents go to work_dir/removed/).
-
-Text is normalised before shingling by datatrove (lower case, punctuation stripped, digits to 0),
-so copies that differ only in case or numbers are duplicates too. Documents under 5 words get no
-signature and are always kept. docs_dir must hold one JSONL file per task (a JsonlWriter's output
-with the same `tasks`): stage 4 re-reads it and must see each task's documents in stage 1's order.
+MinHash normalises text before shingling (lower case, punctuation stripped, digits to 0), so copies
+that differ only in case or numbers are near duplicates. Documents under 5 words get no signature;
+only the exact hash can remove them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import struct
-from collections import Counter
 from pathlib import Path
 
-from datatrove.data import DocumentsPipeline
-from datatrove.executor import LocalPipelineExecutor
+from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupFilter, MinhashDedupSignature
-from datatrove.pipeline.readers import JsonlReader
-from datatrove.pipeline.writers import JsonlWriter
+from datatrove.pipeline.dedup import MinhashConfig
+from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.binaryio import read_tuples_from_file
 from datatrove.utils.word_tokenizers import WordTokenizer
 
@@ -61,28 +57,33 @@ class Words(WordTokenizer):
         return [m.span() for m in _SENTENCE.finditer(text) if m.group().strip()]
 
 
+def text_hash(text: str) -> str:
+    """The exact-duplicate key: case and whitespace do not make two documents different."""
+    return hashlib.blake2b(" ".join(text.casefold().split()).encode("utf-8"), digest_size=12).hexdigest()
+
+
 class RecordKeys(PipelineStep):
-    """Pass documents through, writing each one's id to folder/{rank:05d}.keys in stream order."""
+    """Pass documents through, writing [id, text_hash] of each to folder/{rank:05d}.keys in stream order."""
 
     name = "🔑 record ids"
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str | Path):
         super().__init__()
-        self.folder = folder
+        self.folder = Path(folder)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        Path(self.folder).mkdir(parents=True, exist_ok=True)
-        with open(Path(self.folder) / f"{rank:05d}.keys", "w") as f:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"{rank:05d}.keys", "w") as f:
             for doc in data:
-                f.write(json.dumps(doc.id) + "\n")
+                f.write(json.dumps([doc.id, text_hash(doc.text)]) + "\n")
                 yield doc
 
 
-def cluster(buckets_dir: Path, keys_dir: Path, remove_dir: Path) -> dict[str, str]:
-    """Union-find over the candidate pairs in buckets_dir; writes {rank:06d}.remove (ascending indices,
-    MinhashDedupFilter's format) for every member but the smallest id of each cluster. Returns
-    {id: the id of its cluster's survivor} for every document in a cluster."""
-    keys = {int(p.stem): [json.loads(line) for line in p.open()] for p in Path(keys_dir).glob("*.keys")}
+def find_duplicates(keys_dir: Path, buckets_dir: Path | None, remove_dir: Path, *, exact: bool = True) -> dict:
+    """Clusters of duplicates from MinHash candidate pairs (buckets_dir/*.dups; None for exact only) and
+    equal text hashes (exact=True). Writes remove_dir/{rank:05d}.json ({index: reason} for DropDuplicates)
+    and returns {id: its cluster's survivor} for every document in a cluster of two or more."""
+    keys = {int(p.stem): [tuple(json.loads(line)) for line in p.open()] for p in Path(keys_dir).glob("*.keys")}
     parent: dict[tuple[int, int], tuple[int, int]] = {}
 
     def root(x):
@@ -91,48 +92,59 @@ def cluster(buckets_dir: Path, keys_dir: Path, remove_dir: Path) -> dict[str, st
             x = parent[x]
         return x
 
-    for path in sorted(Path(buckets_dir).glob("*.dups")):
+    def union(a, b):
+        a, b = root(a), root(b)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    for path in sorted(Path(buckets_dir).glob("*.dups")) if buckets_dir else ():
         with open(path, "rb") as f:
             for r1, d1, r2, d2 in read_tuples_from_file(f, "4I"):
-                a, b = root((r1, d1)), root((r2, d2))
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
+                union((r1, d1), (r2, d2))
+    if exact:
+        first_with_hash: dict[str, tuple[int, int]] = {}
+        for rank, rows in keys.items():
+            for index, (_, digest) in enumerate(rows):
+                union(first_with_hash.setdefault(digest, (rank, index)), (rank, index))
     members: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for node in list(parent):
         members.setdefault(root(node), []).append(node)
     survivor_of, removed = {}, {}
     for group in members.values():
-        keep = min(group, key=lambda n: keys[n[0]][n[1]])
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda n: (keys[n[0]][n[1]][0], n))  # by id; equal ids (a re-crawled URL) by position
+        smallest_with_hash = {}
         for rank, index in group:
-            survivor_of[keys[rank][index]] = keys[keep[0]][keep[1]]
-            if (rank, index) != keep:
-                removed.setdefault(rank, []).append(index)
+            doc_id, digest = keys[rank][index]
+            survivor_of[doc_id] = keys[group[0][0]][group[0][1]][0]
+            if (rank, index) != group[0]:
+                removed.setdefault(rank, {})[index] = ("exact_duplicate" if digest in smallest_with_hash
+                                                       else "near_duplicate")
+            smallest_with_hash.setdefault(digest, doc_id)
     Path(remove_dir).mkdir(parents=True, exist_ok=True)
-    for rank, indices in removed.items():
-        (Path(remove_dir) / f"{rank:06d}.remove").write_bytes(b"".join(struct.pack("<I", i) for i in sorted(indices)))
+    for rank, reasons in removed.items():
+        (Path(remove_dir) / f"{rank:05d}.json").write_text(json.dumps(reasons))
     return survivor_of
 
 
-def near_duplicates(docs_dir: str | Path, work_dir: str | Path, out_dir: str | Path, *, tasks: int = 1,
-                    workers: int = 1, config: MinhashConfig = MINHASH) -> dict:
-    """Drop near-duplicates from the JSONL documents in docs_dir (one file per task) into out_dir.
-    Returns counts ("documents_in", "kept", "dropped_near_duplicate") and the clusters."""
-    work = Path(work_dir)
+class DropDuplicates(BaseFilter):
+    """Stage 2: drop the documents find_duplicates listed for this task, by their position in its stream
+    (so it must read the task's documents in stage 1's order)."""
 
-    def execute(pipeline, num_tasks, name):
-        LocalPipelineExecutor(pipeline, tasks=num_tasks, workers=min(workers, num_tasks),
-                              logging_dir=str(work / "logs" / name), skip_completed=False).run()
+    name = "🫂 drop duplicates"
 
-    execute([JsonlReader(str(docs_dir)), RecordKeys(str(work / "keys")),
-             MinhashDedupSignature(str(work / "signatures"), config=config, language=Words())], tasks, "signatures")
-    execute([MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=config)],
-            config.num_buckets, "buckets")
-    survivor_of = cluster(work / "buckets", work / "keys", work / "remove")
-    execute([JsonlReader(str(docs_dir)), MinhashDedupFilter(str(work / "remove"),
-                                                            exclusion_writer=JsonlWriter(str(work / "removed"))),
-             JsonlWriter(str(out_dir))], tasks, "filter")
-    num_in = sum(1 for p in (work / "keys").glob("*.keys") for _ in p.open())
-    dropped = sum(survivor != doc for doc, survivor in survivor_of.items())
-    counts = Counter(documents_in=num_in, kept=num_in - dropped, dropped_near_duplicate=dropped,
-                     clusters=len(set(survivor_of.values())))
-    return {"counts": dict(counts), "survivor_of": survivor_of}
+    def __init__(self, remove_dir: str | Path):
+        super().__init__()
+        self.remove_dir = Path(remove_dir)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        path = self.remove_dir / f"{rank:05d}.json"
+        self._reasons = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+        self._index = -1
+        yield from super().run(data, rank, world_size)
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        self._index += 1
+        reason = self._reasons.get(self._index)
+        return (False, reason) if reason else True

@@ -22,6 +22,7 @@ What is left alone, on purpose (look-alikes; tests/test_dataprep_pii.py plants e
   - digit runs that fail Luhn or start like no card network; dates (2024-01-15), ISBNs and
     order numbers that are not phone-shaped; UUIDs and git hashes.
   - example addresses are still addresses: user@example.com is redacted like any other.
+`Redactor` is the pipeline step (datatrove), counting `redacted_<kind>` per value replaced.
 Placeholders are "<EMAIL>", "<IP_ADDRESS>", "<PHONE>", "<CREDIT_CARD>", "<SECRET>": one word each,
 so the text reads as before and a model learns where such data goes without learning any.
 """
@@ -32,6 +33,9 @@ import ipaddress
 import re
 from collections import Counter
 from collections.abc import Callable
+
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
 
 PLACEHOLDERS = {"email": "<EMAIL>", "ip_address": "<IP_ADDRESS>", "phone": "<PHONE>",
                 "credit_card": "<CREDIT_CARD>", "secret": "<SECRET>"}
@@ -161,3 +165,28 @@ def redact(text: str, kinds: tuple[str, ...] = tuple(FINDERS)) -> tuple[str, Cou
         last = end
     out.append(text[last:])
     return "".join(out), Counter(kind for _, _, kind in spans)
+
+
+class Redactor(PipelineStep):
+    """The pipeline step: every document redacted; stats `redacted_<kind>` count the values replaced and
+    `documents_redacted` the documents that had any."""
+
+    name = "🕵 redact PII"
+    type = "✂️ - FORMAT"
+
+    def __init__(self, kinds: tuple[str, ...] = tuple(FINDERS)):
+        super().__init__()
+        unknown = set(kinds) - set(FINDERS)
+        if unknown:
+            raise ValueError(f"unknown PII kinds {sorted(unknown)}; choose from {list(FINDERS)}")
+        self.kinds = tuple(kinds)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            with self.track_time():
+                doc.text, counts = redact(doc.text, self.kinds)
+            for kind, n in counts.items():
+                self.stat_update(f"redacted_{kind}", value=n)
+            if counts:
+                self.stat_update("documents_redacted")
+            yield doc
