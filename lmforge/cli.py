@@ -347,11 +347,56 @@ def _add_usage_args(sub) -> None:
     _add_db_arg(p)
 
 
+def _add_data_args(sub) -> None:
+    p = sub.add_parser("data", help="prepare training data from raw text, HTML, WARC, JSONL or Parquet; crawl",
+                       description="The data pipeline: raw inputs -> clean, filtered, deduplicated, redacted "
+                                   "token shards with a held-out split, a manifest and a data card.")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,crawl}")
+    d = dsub.add_parser("prepare", help="inputs -> token shards + manifest.json + data_card.md",
+                        description="Read folders of text/code/HTML files, WARC/WET archives, JSONL and Parquet; "
+                                    "repair and normalise text; drop spam and junk (Gopher, C4, FineWeb and code "
+                                    "rules, URL blocklist, word list); remove exact and near duplicates; redact "
+                                    "personal data; split off a held-out set by document hash; drop training "
+                                    "documents that overlap your eval files; train or apply a tokenizer; write "
+                                    "token shards. Every document is counted as kept or dropped by a named "
+                                    "reason (data_card.md). Settings come from --config (TOML, keys as in "
+                                    "lmforge/dataprep/pipeline.py PrepareConfig); the options below override it.")
+    d.add_argument("inputs", nargs="*", help="folders or files to read, or 'stdlib' (default: the config's, "
+                                             "else stdlib)")
+    d.add_argument("--config", metavar="TOML", help="a data.toml with any PrepareConfig settings")
+    d.add_argument("--out", help="output folder (default: data)")
+    d.add_argument("--workers", type=int, help="processes (default: every CPU); the output does not depend on it")
+    d.add_argument("--tasks", type=int, help="input shards (default: as many as workers)")
+    d.add_argument("--tokenizer", metavar="FILE", help="encode with this tokenizer.json instead of training one")
+    d.add_argument("--vocab-size", type=int, help="size of the tokenizer to train (default 8192)")
+    d.add_argument("--decontaminate", nargs="+", metavar="EVAL_FILE",
+                   help="drop training documents sharing a 13-gram with these files (text, JSONL or Parquet)")
+    d.add_argument("--language-model", metavar="FILE", help="a fastText language-ID model (.bin); without one "
+                                                            "no language filtering is done")
+    d.add_argument("--keep-work", action="store_true", help="keep out/work/ (kept and removed documents as JSONL, "
+                                                            "datatrove logs and stats)")
+    d.add_argument("--quiet", action="store_true", help="no progress output")
+    c = dsub.add_parser("crawl", help="fetch a list of URLs politely into a gzip WARC file",
+                        description="Fetch each URL of URLS_FILE (one per line, # comments) once: robots.txt obeyed, "
+                                    "requests to a host spaced by --delay (or its Crawl-delay), bodies cut at "
+                                    "--max-bytes, at most 5 redirects. Writes one gzip WARC 1.1 file that "
+                                    "`lmforge data prepare` reads, and prints every URL's outcome by reason.")
+    c.add_argument("urls_file", metavar="URLS_FILE", help="text file, one http(s) URL per line")
+    c.add_argument("--out", required=True, metavar="FILE.warc.gz", help="the WARC file to write")
+    c.add_argument("--user-agent", help="User-Agent naming you and a contact, e.g. 'mybot/1.0 "
+                                        "(+https://example.com/bot)' (default: lmforge-crawler/VERSION)")
+    c.add_argument("--delay", type=float, default=1.0,
+                   help="least seconds between two requests to one host (default 1)")
+    c.add_argument("--max-bytes", type=int, default=5 << 20, help="most body bytes kept per response (default 5 MiB)")
+    c.add_argument("--workers", type=int, default=4, help="hosts crawled at once (default 4)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Make, run and understand language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args, _add_chat_args,
-                _add_sft_args, _add_preference_args, _add_rl_args,
+    for add in (_add_run_args, _add_data_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args,
+                _add_chat_args, _add_sft_args, _add_preference_args, _add_rl_args,
                 _add_eval_args, _add_serve_args, _add_export_args,
                 _add_import_args, _add_keys_args, _add_usage_args):
         add(sub)
@@ -384,6 +429,33 @@ def cmd_run(args) -> None:
 
     run(name=args.name, corpus=args.corpus, minutes=args.minutes, tiny=args.tiny, seed=args.seed,
         device=args.device, runs_dir=args.runs_dir, progress=not args.quiet, chat=not args.no_chat)
+
+
+def cmd_data(args) -> None:
+    if args.data_command == "crawl":
+        from lmforge.dataprep.crawl import DEFAULT_USER_AGENT, crawl, read_url_list
+
+        counts = crawl(read_url_list(args.urls_file), args.out, user_agent=args.user_agent or DEFAULT_USER_AGENT,
+                       delay_s=args.delay, max_bytes=args.max_bytes, workers=args.workers, progress=not args.quiet)
+        print(", ".join(f"{n:,} {k}" for k, n in sorted(counts.items())) + f"; wrote {args.out}")
+        return
+    from lmforge.dataprep.pipeline import PrepareConfig, prepare
+
+    overrides = {"inputs": args.inputs or None, "out": args.out, "workers": args.workers, "tasks": args.tasks,
+                 "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "decontaminate": args.decontaminate,
+                 "language_model": args.language_model, "keep_work": args.keep_work or None}
+    if args.config:
+        config = PrepareConfig.from_toml(args.config, **overrides)
+    else:
+        config = PrepareConfig(**{k: v for k, v in overrides.items() if v is not None})
+    manifest = prepare(config, progress=not args.quiet)
+    counts, splits = manifest["counts"], manifest["splits"]
+    dropped = ", ".join(f"{n:,} {reason}" for reason, n in sorted(counts["dropped"].items(), key=lambda kv: -kv[1]))
+    print(f"{counts['documents_in']:,} documents in, {counts['kept']:,} kept "
+          f"({splits['train']['num_tokens']:,} train / {splits['val']['num_tokens']:,} held-out tokens), "
+          f"{sum(counts['dropped'].values()):,} dropped" + (f": {dropped}" if dropped else ""))
+    print(f"wrote {config.out}/ in {manifest['seconds']:.1f} s; read {config.out}/data_card.md; "
+          f"train with: lmforge pretrain --data {config.out}")
 
 
 def cmd_tokenizer(args) -> None:
@@ -668,8 +740,9 @@ def cmd_usage(args) -> None:
                  right=set(range(len(labels), len(labels) + len(counts))))
 
 
-COMMANDS = {"run": cmd_run, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate,
-            "chat": cmd_chat, "sft": cmd_sft, "dpo": cmd_dpo, "reward-model": cmd_reward_model, "rl": cmd_rl,
+COMMANDS = {"run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain,
+            "generate": cmd_generate, "chat": cmd_chat, "sft": cmd_sft, "dpo": cmd_dpo,
+            "reward-model": cmd_reward_model, "rl": cmd_rl,
             "eval": cmd_eval, "export": cmd_export, "import": cmd_import, "serve": cmd_serve, "keys": cmd_keys,
             "usage": cmd_usage}
 

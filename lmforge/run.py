@@ -1,6 +1,7 @@
 """`lmforge run`: the main job, every stage end to end, like a speedrun script.
 
-    corpus -> tokenizer -> token shards -> pretrain (wall-clock budget) -> held-out eval
+    corpus -> data pipeline (dataprep/: clean, filter, deduplicate, redact, split; data_card.md)
+    -> tokenizer -> token shards -> pretrain (wall-clock budget) -> held-out eval
     (beside xz -9 and zlib -9 on the same bytes) -> sample generations
     -> SFT on the built-in code domain (chat/) -> held-out pass rate, base vs chat -> report.md
 
@@ -25,10 +26,10 @@ from pathlib import Path
 import torch
 
 from lmforge.common import LmforgeError, atomic_write_text, get_device, resolve_dtype
-from lmforge.corpus import Corpus
+from lmforge.data import read_meta
+from lmforge.dataprep.pipeline import STDLIB, PrepareConfig, prepare
 from lmforge.evaluate import evaluate_heldout
 from lmforge.generate import generate
-from lmforge.prepare import prepare_data
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig, pretrain
 
@@ -118,22 +119,28 @@ def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, see
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     say = print if progress else (lambda *a, **k: None)
-    chat = chat and corpus == "stdlib"  # the code domain is the stdlib's own functions
+    chat = chat and corpus == STDLIB  # the code domain is the stdlib's own functions
     stages = 6 if chat else 5
 
-    # 1-2. corpus -> tokenizer -> shards
-    say(f"[1/{stages}] corpus {corpus!r} -> tokenizer ({preset.vocab_size:,} tokens) -> token shards in {run_dir}/data")
+    # 1-2. corpus -> data pipeline (clean, filter, dedup, redact, split) -> tokenizer -> shards
+    say(f"[1/{stages}] corpus {corpus!r} -> data pipeline -> tokenizer ({preset.vocab_size:,} tokens) -> token "
+        f"shards in {run_dir}/data")
     t0 = time.perf_counter()
-    source = Corpus(corpus, max_bytes=preset.corpus_max_bytes)
-    meta = prepare_data(source, run_dir / "data", vocab_size=preset.vocab_size,
-                        tokenizer_max_bytes=preset.tokenizer_max_bytes, progress=progress)
-    timings["tokenizer + shards"] = time.perf_counter() - t0
+    # The built-in corpus is curated reference code and docs, not scraped pages: the web prose filters
+    # (Gopher, C4, FineWeb) would drop 78 of its 88 pydoc topics for holding code samples and tables.
+    curated = {"prose_filters": []} if corpus == STDLIB else {}
+    manifest = prepare(PrepareConfig(inputs=[corpus], out=str(run_dir / "data"), vocab_size=preset.vocab_size,
+                                     tokenizer_max_bytes=preset.tokenizer_max_bytes or 0,
+                                     max_input_bytes=preset.corpus_max_bytes or 0, **curated), progress=progress)
+    meta = read_meta(run_dir / "data")
+    timings["data pipeline + tokenizer + shards"] = time.perf_counter() - t0
     tokenizer = Tokenizer.load(run_dir / "data" / "tokenizer.json")
     split = meta["splits"]
-    if meta["skipped"]:
-        say(f"      skipped inputs: {meta['skipped']}")
-    say(f"      {split['train']['num_documents']:,} train / {split['val']['num_documents']:,} held-out documents, "
-        f"{split['train']['num_tokens']:,} / {split['val']['num_tokens']:,} tokens")
+    counts = manifest["counts"]
+    say(f"      {counts['documents_in']:,} documents in, {sum(counts['dropped'].values()):,} dropped "
+        f"(see {run_dir}/data/data_card.md); {split['train']['num_documents']:,} train / "
+        f"{split['val']['num_documents']:,} held-out documents, {split['train']['num_tokens']:,} / "
+        f"{split['val']['num_tokens']:,} tokens")
 
     # 3. pretrain within what is left of the budget, keeping back time for the stages after it
     reserve_s = (10 if tiny else 45) + (preset.sft_reserve_s if chat else 0)  # eval, samples, SFT, report

@@ -58,7 +58,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
 
 def test_missing_and_empty_corpus(tmp_path, capsys):
     one_line_error(capsys, ["run", "--tiny", "--corpus", str(tmp_path / "nope"), "--runs-dir", str(tmp_path)],
-                   "does not exist")
+                   "no such file or folder")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blank.txt").write_text("")

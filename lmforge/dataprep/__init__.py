@@ -1,9 +1,16 @@
-"""The data pipeline: raw scraped text to clean, deduplicated, private token shards (issue 6).
+"""The data pipeline: raw scraped text to clean, deduplicated, private token shards (`lmforge data`).
 
-Built so far: readers.py (inputs and HTML extraction), clean.py, filters.py (code), dedup.py
-(near duplicates), pii.py (redaction) and synthetic.py (planted test data). The plan below records what
-was measured of datatrove 0.10.1 offline (2026-11-23, on tiny inputs; scripts were throw-away), so
-the next steps build on facts rather than on its README.
+pipeline.py strings the stages together (prepare, PrepareConfig); readers.py (inputs, HTML
+extraction), clean.py, filters.py (prose, code, URL, word list, language), dedup.py (exact and
+near), pii.py (redaction), card.py (data_card.md), crawl.py (`lmforge data crawl`) and synthetic.py
+(a crawl with planted answers, for tests and bench/data_pipeline.py). What follows records what was
+measured of datatrove 0.10.1 offline (2026-11-23, on tiny inputs) and so why each piece is
+datatrove's or ours.
+
+Clusters: datatrove's SlurmPipelineExecutor and RayPipelineExecutor take the same step lists that
+pipeline.py hands LocalPipelineExecutor (stage by stage, with the same task counts; the bucket stage
+needs tasks divisible by the 14 bands); the in-process steps between stages (find_duplicates,
+tokenizer training, write_shards) then run on one node over the shared work folder.
 
 Use from datatrove as it is
   LocalPipelineExecutor (Slurm/RayPipelineExecutor: the same pipeline, documented for clusters);

@@ -267,3 +267,40 @@ def make_web_corpus(out_dir, *, seed: int = 0, num_originals: int = 200, exact_d
             page["of"] = pages[page["of"]]["id"]
     (out / "truth.json").write_text(json.dumps(truth, indent=1))
     return truth
+
+
+def score_prepared(truth: dict, work_dir) -> dict:
+    """How a pipeline run (prepare with keep_work) did on this crawl: planted copies found as duplicates
+    of their own original, documents merged with a different page (false positives), planted PII left
+    in kept documents, and look-alikes wrongly redacted. A copy counts only when it and another page of
+    its group reached deduplication (a quality filter may drop both first). Ids must be the truth's
+    (one input: the crawl folder)."""
+    import json
+    from collections import Counter
+    from pathlib import Path
+
+    work = Path(work_dir)
+    survivor_of = json.loads((work / "duplicates.json").read_text())
+    kept = {}
+    for path in sorted((work / "kept").glob("*.jsonl")):
+        for line in path.open():
+            doc = json.loads(line)
+            kept[doc["id"]] = doc["text"]
+    pages = {p["id"]: p for p in truth["pages"]}
+    group = {i: p.get("of", i) for i, p in pages.items()}  # every page -> the original it copies
+    same_text = {}
+    for i, p in pages.items():  # pages that happen to be identical (spam templates) are one group too
+        group[i] = same_text.setdefault(p["text"], group[i])
+    reached_ids = {json.loads(line)[0] for path in (work / "keys").glob("*.keys") for line in path.open()}
+    reached = Counter(group[i] for i in reached_ids if i in group)  # pages of each group that got to dedup
+    copies = [i for i, p in pages.items()
+              if p["kind"] in ("exact_dup", "near_dup") and i in reached_ids and reached[group[i]] >= 2]
+    found = [i for i in copies if i in survivor_of and group.get(survivor_of[i]) == group[i]]
+    merged_wrongly = [i for i, s in survivor_of.items() if i in group and group.get(s) != group[i]]
+    planted = [(i, value) for i, p in pages.items() if i in kept for _, value in p.get("pii", [])]
+    alikes = [(i, value) for i, p in pages.items() if i in kept for value in p.get("look_alikes", [])]
+    return {"copies": len(copies), "copies_found": len(found), "documents": len(pages),
+            "false_merges": len(merged_wrongly), "pii_planted_in_kept": len(planted),
+            "pii_left": sum(value in kept[i] for i, value in planted),
+            "look_alikes_in_kept": len(alikes),
+            "look_alikes_redacted": sum(value not in kept[i] for i, value in alikes)}

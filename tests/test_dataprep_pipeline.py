@@ -1,0 +1,160 @@
+"""The whole data pipeline: every document accounted for, planted duplicates and PII handled, the same
+output for any number of tasks and workers, and shards that training reads."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from lmforge.cli import main
+from lmforge.common import LmforgeError
+from lmforge.data import TokenStream, read_meta
+from lmforge.dataprep.pipeline import PrepareConfig, ngram_hashes, prepare
+from lmforge.dataprep.synthetic import make_web_corpus, prose_paragraphs, score_prepared
+
+SMALL_CRAWL = dict(num_originals=60, exact_dups=10, near_dup_edits=(1, 2, 3, 5), near_dups_per_level=10,
+                   spam_pages=8, pii_pages=20)
+
+
+def reconciles(manifest) -> bool:
+    counts = manifest["counts"]
+    return counts["documents_in"] == counts["kept"] + sum(counts["dropped"].values())
+
+
+@pytest.fixture(scope="module")
+def crawl_runs(tmp_path_factory):
+    """The synthetic crawl prepared twice: 1 task in 1 process, and 3 tasks on 2 workers."""
+    root = tmp_path_factory.mktemp("pipeline")
+    truth = make_web_corpus(root / "crawl", seed=3, **SMALL_CRAWL)
+    runs = {tasks: prepare(PrepareConfig(inputs=[str(root / "crawl")], out=str(root / f"out{tasks}"), tasks=tasks,
+                                         workers=workers, vocab_size=512, keep_work=True), progress=False)
+            for tasks, workers in ((1, 1), (3, 2))}
+    return root, truth, runs
+
+
+def test_crawl_counts_reconcile_and_duplicates_and_pii_are_handled(crawl_runs):
+    root, truth, runs = crawl_runs
+    manifest = runs[1]
+    assert reconciles(manifest)
+    counts = manifest["counts"]
+    assert counts["documents_in"] == len(truth["pages"]) + 1  # every page, and truth.json itself
+    assert counts["skipped"] == {}  # the synthetic WARC holds responses only
+    score = score_prepared(truth, root / "out1" / "work")
+    assert score["copies_found"] >= 0.95 * score["copies"], score
+    assert score["false_merges"] == 0, score
+    assert score["pii_planted_in_kept"] > 0 and score["pii_left"] == 0, score
+    assert score["look_alikes_in_kept"] > 0 and score["look_alikes_redacted"] == 0, score
+    spam = [p["id"] for p in truth["pages"] if p["kind"] == "spam"]
+    kept = {json.loads(line)["id"] for p in (root / "out1" / "work" / "kept").glob("*.jsonl") for line in p.open()}
+    assert not kept & set(spam)  # junk pages go, by quality rule or as duplicates of each other
+    # the funnel the card draws chains: each step's out is the next step's in, the last is what was kept
+    stages = manifest["stages"]
+    for a, b in zip(stages, stages[1:]):
+        assert a["documents_in"] - sum(a["dropped"].values()) == b["documents_in"]
+    assert stages[-1]["documents_in"] - sum(stages[-1]["dropped"].values()) == counts["kept"]
+    card = (root / "out1" / "data_card.md").read_text()
+    assert f"{counts['documents_in']:,} = {counts['kept']:,} + {sum(counts['dropped'].values()):,}" in card
+
+
+def test_output_does_not_depend_on_tasks_or_workers(crawl_runs):
+    root, _, runs = crawl_runs
+    one, three = runs[1], runs[3]
+    assert one["counts"] == three["counts"] and one["splits"] == three["splits"]
+    assert one["files"] == three["files"]  # shards, tokenizer and val.txt byte for byte
+
+
+def test_shards_are_what_training_reads(crawl_runs):
+    root, _, runs = crawl_runs
+    out = root / "out1"
+    meta = read_meta(out)
+    assert meta["splits"] == runs[1]["splits"]
+    for split in ("train", "val"):
+        stream = TokenStream(out, split)
+        tokens = np.concatenate([np.load(p) for p in sorted(out.glob(f"{split}_*.npy"))])
+        assert len(stream) == len(tokens) == meta["splits"][split]["num_tokens"]
+        assert (tokens == meta["bos_id"]).sum() == meta["splits"][split]["num_documents"]  # one <|bos|> per doc
+    from lmforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(out / "tokenizer.json")
+    val = np.concatenate([np.load(p) for p in sorted(out.glob("val_*.npy"))])
+    docs = [tokenizer.decode(d) for d in np.split(val, np.flatnonzero(val == meta["bos_id"]))[1:]]
+    assert "".join(d.removeprefix("<|bos|>") for d in docs) == (out / "val.txt").read_text()
+
+
+def test_every_input_format_and_every_drop_is_counted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = __import__("random").Random(0)
+    inputs = tmp_path / "in"
+    (inputs / "notes").mkdir(parents=True)
+    prose = ["\n\n".join(prose_paragraphs(rng, 4)) for _ in range(40)]
+    for i, text in enumerate(prose[:10]):
+        (inputs / "notes" / f"n{i}.txt").write_text(text)
+    (inputs / "notes" / "blank.txt").write_text("  \n")
+    (inputs / "notes" / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with gzip.open(inputs / "docs.jsonl.gz", "wt") as f:
+        for i, text in enumerate(prose[10:25]):
+            f.write(json.dumps({"text": text, "id": f"j{i}"}) + "\n")
+        f.write("{not json\n" + json.dumps({"body": "no text field"}) + "\n" + json.dumps({"text": prose[10]}) + "\n")
+    pq.write_table(pa.table({"text": prose[25:] + [""], "id": [f"p{i}" for i in range(16)]}), inputs / "t.parquet")
+    manifest = prepare(PrepareConfig(inputs=[str(inputs)], out=str(tmp_path / "out"), workers=1, vocab_size=400,
+                                     heldout_fraction=0.2), progress=False)
+    counts = manifest["counts"]
+    assert reconciles(manifest)
+    assert counts["documents_in"] == 10 + 2 + 15 + 3 + 16
+    dropped = counts["dropped"]
+    assert dropped["binary"] == 1 and dropped["bad_json"] == 1 and dropped["no_text_field"] == 1
+    assert dropped["empty"] == 2  # the blank file and the empty Parquet row
+    assert dropped["exact_duplicate"] == 1  # the JSONL line repeating j0's text
+    assert counts["kept"] == 40 and counts["kept_by_split"]["val"] > 0
+    assert not (tmp_path / "out" / "work").exists()  # working files removed without keep_work
+
+
+def test_decontamination_drops_training_documents_sharing_a_13_gram(tmp_path):
+    rng = __import__("random").Random(1)
+    docs = ["\n\n".join(prose_paragraphs(rng, 4)) for _ in range(30)]
+    (tmp_path / "in").mkdir()
+    for i, text in enumerate(docs):
+        (tmp_path / "in" / f"d{i:02d}.txt").write_text(text)
+    leaked = " ".join(docs[4].split()[20:33])  # 13 words of a training document, inside an eval question
+    with open(tmp_path / "eval.jsonl", "w") as f:
+        f.write(json.dumps({"question": f"What follows? {leaked}", "answer": "nothing"}) + "\n")
+        f.write(json.dumps({"question": " ".join(docs[8].split()[:12]), "answer": "x"}) + "\n")  # 12 words: kept
+        f.write(json.dumps({"question": " ".join(docs[11].split()[:20])}) + "\n")  # d11 is held out: never dropped
+    config = PrepareConfig(inputs=[str(tmp_path / "in")], out=str(tmp_path / "out"), workers=1, vocab_size=400,
+                           heldout_fraction=0.2, decontaminate=[str(tmp_path / "eval.jsonl")], keep_work=True)
+    manifest = prepare(config, progress=False)
+    assert manifest["counts"]["dropped"] == {"decontaminated": 1}
+    kept = {json.loads(line)["id"]: json.loads(line)["metadata"]["split"]
+            for p in (tmp_path / "out" / "work" / "kept").glob("*.jsonl") for line in p.open()}
+    assert "d04.txt" not in kept and kept["d08.txt"] == "train" and kept["d11.txt"] == "val" and len(kept) == 29
+    assert ngram_hashes(leaked, 13) <= ngram_hashes(docs[4].upper().replace(".", " ."), 13)  # case, punctuation
+
+
+def test_config_file_and_cli(tmp_path, capsys):
+    rng = __import__("random").Random(2)
+    (tmp_path / "corpus").mkdir()
+    for i in range(20):
+        (tmp_path / "corpus" / f"{i}.md").write_text("\n\n".join(prose_paragraphs(rng, 3)))
+    (tmp_path / "data.toml").write_text('inputs = ["corpus"]\nout = "prepared"\nvocab_size = 300\nworkers = 1\n'
+                                        "heldout_fraction = 0.25\n")
+    assert main(["data", "prepare", "--config", str(tmp_path / "data.toml"), "--quiet"]) == 0
+    assert "20 documents in, 20 kept" in capsys.readouterr().out
+    out = tmp_path / "prepared"  # relative to the config file
+    assert json.loads((out / "manifest.json").read_text())["config"]["vocab_size"] == 300
+    assert (out / "data_card.md").exists() and (out / "lengths.png").exists()
+
+    (tmp_path / "bad.toml").write_text('inputs = ["corpus"]\nvocab = 300\n')
+    assert main(["data", "prepare", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "unknown setting(s) ['vocab']" in capsys.readouterr().err
+    assert main(["data", "prepare", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "missing: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "urls.txt").write_text("# seeds\nhttps://example.org/\nexample.org/page\n")
+    assert main(["data", "crawl", str(tmp_path / "urls.txt"), "--out", str(tmp_path / "c.warc.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "urls.txt:3" in err and "not an http(s) URL" in err and not (tmp_path / "c.warc.gz").exists()
+    with pytest.raises(LmforgeError, match="not valid TOML"):
+        (tmp_path / "broken.toml").write_text("inputs = [")
+        PrepareConfig.from_toml(tmp_path / "broken.toml")
