@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from lmforge.common import LmforgeError
+from lmforge.base import LmforgeError
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""The one place for device, precision, seeding, distributed set-up, rank-0 printing and atomic files.
+"""The one place for device, precision, seeding, distributed set-up and rank-0 printing.
 
 Every other module asks here instead of deciding for itself, so a precision or device policy
 changes in one spot (STYLE.md: "One precision/device policy in one place").
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class LmforgeError(Exception):
-    """A user's mistake or an unusable input. The CLI prints its message on one line, no traceback.
-
-    The message names the input and says how to fix it.
-    """
-
+# re-exported: the user-error exception and atomic writes live in base.py, which does not import torch
+from lmforge.base import LmforgeError, atomic_write_bytes, atomic_write_text  # noqa: F401
 
 # ----------------------------------------------------------------------------- device and precision
 
@@ -162,26 +156,3 @@ def print0(*args, **kwargs) -> None:
     """print() on rank 0 only."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs)
-
-
-# ----------------------------------------------------------------------------- files
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write through a temporary file in the same folder and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))

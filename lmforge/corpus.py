@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.common import LmforgeError
+from lmforge.base import LmforgeError
 
 DEFAULT_CORPUS = "stdlib"
 HELDOUT_FRACTION = 0.02

@@ -65,7 +65,7 @@ import tiktoken
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmforge.common import LmforgeError, atomic_write_text
+from lmforge.base import LmforgeError, atomic_write_text
 
 # GPT-4's cl100k_base split: English contractions, letter runs (with one leading non-letter such as
 # a space), digit runs of 1-3, punctuation runs, and whitespace runs that leave their last space to

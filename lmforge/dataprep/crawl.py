@@ -78,7 +78,7 @@ import urllib3
 from tqdm import tqdm
 
 from lmforge import __version__
-from lmforge.common import LmforgeError
+from lmforge.base import LmforgeError
 
 # Name the crawler and say where to complain; a real crawl should pass its own contact (--user-agent).
 DEFAULT_USER_AGENT = f"lmforge-crawler/{__version__} (language-model data research; obeys robots.txt)"

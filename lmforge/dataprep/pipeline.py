@@ -51,7 +51,7 @@ from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, Minhash
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers import JsonlWriter
 
-from lmforge.common import LmforgeError
+from lmforge.base import LmforgeError
 from lmforge.corpus import HELDOUT_FRACTION, is_heldout
 
 try:
