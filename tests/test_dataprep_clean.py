@@ -1,8 +1,11 @@
 """Cleaning (mojibake repaired, whitespace normalised, code indentation kept) and the code filter's rules,
 each reason by a file made to break exactly that rule."""
 
+import ftfy
 import pytest
 from datatrove.data import Document
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmforge.dataprep.clean import Cleaner, normalise_whitespace, repair
 from lmforge.dataprep.filters import CodeFilter, is_data_line
@@ -21,6 +24,16 @@ def walk(top):
 def test_repair_fixes_mojibake_and_controls_in_prose_but_not_code_quotes():
     assert repair("CafÃ© â€œquotedâ€\x9d &amp; bell\x07") == 'Café "quoted" & bell'
     assert repair('s = "CafÃ©"  # “kept”', code=True) == 's = "Café"  # “kept”'
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=60)
+       | st.sampled_from(["a &amp; b", "x\x1b[31mred\x1b[0m", "tab\there\x0c", "&lt;p&gt;", "\x00\x7f"]))
+def test_ascii_shortcut_is_what_ftfy_does(text):
+    assert repair(text) == ftfy.fix_text(text, fix_line_breaks=False)
+    assert repair(text, code=True) == ftfy.fix_text(text, unescape_html=False, uncurl_quotes=False,
+                                                    fix_latin_ligatures=False, fix_character_width=False,
+                                                    fix_line_breaks=False, normalization=None)
 
 
 def test_whitespace_prose_and_code():

@@ -34,10 +34,18 @@ def normalise_whitespace(text: str, code: bool = False) -> str:
     return text + "\n" if code and text else text  # a source file ends in one newline, as POSIX and PEP 8 have it
 
 
+# What ftfy could change in ASCII text: control characters (terminal escapes included), and in prose,
+# HTML entities. Anything else it repairs is non-ASCII. Text with none of these skips ftfy, which costs
+# ~5 s per 30 MB (tests/test_dataprep_clean.py checks the shortcut against ftfy itself).
+_ASCII_FTFY_TOUCHES = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
 def repair(text: str, code: bool = False) -> str:
     """ftfy's repairs; for code, only the encoding repairs (quotes, entities and width are the code's own)."""
     import ftfy
 
+    if text.isascii() and not _ASCII_FTFY_TOUCHES.search(text) and (code or "&" not in text):
+        return text
     if code:
         return ftfy.fix_text(text, unescape_html=False, uncurl_quotes=False, fix_latin_ligatures=False,
                              fix_character_width=False, fix_line_breaks=False, normalization=None)
