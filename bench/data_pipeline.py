@@ -5,7 +5,7 @@ with one worker and with every core.
     python bench/data_pipeline.py --web-originals 500  # a smaller crawl
 
 Throughput is input bytes (files as read: the stdlib's .py files and pydoc topics; the crawl's HTML
-files and gzipped WARC) and documents in, per wall-clock second of the whole pipeline: reading,
+files and 8 gzipped WARC files) and documents in, per wall-clock second of the whole pipeline: reading,
 HTML extraction, cleaning, every filter, PII redaction, exact and near dedup, the split and the
 encoding into shards. The tokenizer is trained once beforehand and given to every run, so the
 figures do not include BPE training (single-process, and a function of the vocabulary, not of the
@@ -53,7 +53,7 @@ def main() -> None:
     n = args.web_originals
     truth = make_web_corpus(root / "crawl", seed=args.seed, num_originals=n, exact_dups=n // 5,
                             near_dup_edits=(1, 2, 3, 5, 8), near_dups_per_level=n // 12, spam_pages=n // 7,
-                            pii_pages=n * 3 // 10)
+                            pii_pages=n * 3 // 10, warc_files=8)
     (root / "crawl" / "truth.json").rename(root / "truth.json")  # the answers are not an input
     print(f"crawl: {len(truth['pages']):,} pages in {root / 'crawl'}")
     # one tokenizer for every run (trained untimed on the stdlib, the same for both corpora)

@@ -211,12 +211,14 @@ def warc_record(url: str, html: str, record_id: str, date: str = "2026-11-01T00:
 
 def make_web_corpus(out_dir, *, seed: int = 0, num_originals: int = 200, exact_dups: int = 40,
                     near_dup_edits: tuple[int, ...] = (1, 2, 3, 5, 8), near_dups_per_level: int = 16,
-                    spam_pages: int = 30, pii_pages: int = 60) -> dict:
+                    spam_pages: int = 30, pii_pages: int = 60, warc_files: int = 1) -> dict:
     """A crawl with known answers: half the pages as HTML files under out_dir/html/, half as response
-    records in out_dir/crawl.warc.gz. Planted: exact copies of originals (under another URL), near
-    copies at known word-edit counts (their 5-gram Jaccard to the original recorded), spam pages,
-    and pages carrying PII (one value of each kind) beside look-alikes. Returns the ground truth, also
-    written to out_dir/truth.json; document ids are the HTML file's path or the record's URL."""
+    records in out_dir/crawl.warc.gz (or crawl-NNNNN.warc.gz, with warc_files > 1: a crawl comes as many
+    archives, and the pipeline reads files in parallel, not records). Planted: exact copies of
+    originals (under another URL), near copies at known word-edit counts (their 5-gram Jaccard to the
+    original recorded), spam pages, and pages carrying PII (one value of each kind) beside
+    look-alikes. Returns the ground truth, also written to out_dir/truth.json; document ids are the
+    HTML file's path or the record's URL."""
     import json
     import uuid
     from pathlib import Path
@@ -250,7 +252,7 @@ def make_web_corpus(out_dir, *, seed: int = 0, num_originals: int = 200, exact_d
         pages.append({"kind": "spam", "spam": kind, "title": "Best deals", "text": text})
     order = list(range(len(pages)))
     rng.shuffle(order)
-    warc = bytearray()
+    warcs = [bytearray() for _ in range(warc_files)]
     for n, i in enumerate(order):
         page = pages[i]
         html = html_page(page["title"], page["text"])
@@ -259,8 +261,9 @@ def make_web_corpus(out_dir, *, seed: int = 0, num_originals: int = 200, exact_d
             (out / page["id"]).write_text(html, encoding="utf-8")
         else:
             page["id"] = f"https://site{i % 17}.example/articles/{i:05d}"
-            warc += warc_record(page["id"], html, str(uuid.UUID(int=rng.getrandbits(128))))
-    (out / "crawl.warc.gz").write_bytes(bytes(warc))
+            warcs[n // 2 % warc_files] += warc_record(page["id"], html, str(uuid.UUID(int=rng.getrandbits(128))))
+    for k, warc in enumerate(warcs):
+        (out / ("crawl.warc.gz" if warc_files == 1 else f"crawl-{k:05d}.warc.gz")).write_bytes(bytes(warc))
     truth = {"seed": seed, "pages": [{k: v for k, v in p.items() if k != "title"} for p in pages]}
     for page in truth["pages"]:
         if "of" in page:
@@ -297,8 +300,9 @@ def score_prepared(truth: dict, work_dir) -> dict:
               if p["kind"] in ("exact_dup", "near_dup") and i in reached_ids and reached[group[i]] >= 2]
     found = [i for i in copies if i in survivor_of and group.get(survivor_of[i]) == group[i]]
     merged_wrongly = [i for i, s in survivor_of.items() if i in group and group.get(s) != group[i]]
-    planted = [(i, value) for i, p in pages.items() if i in kept for _, value in p.get("pii", [])]
-    alikes = [(i, value) for i, p in pages.items() if i in kept for value in p.get("look_alikes", [])]
+    # a near copy inherits its original's planted values, but its word edits may have cut one out
+    planted = [(i, v) for i, p in pages.items() if i in kept for _, v in p.get("pii", []) if v in p["text"]]
+    alikes = [(i, v) for i, p in pages.items() if i in kept for v in p.get("look_alikes", []) if v in p["text"]]
     return {"copies": len(copies), "copies_found": len(found), "documents": len(pages),
             "false_merges": len(merged_wrongly), "pii_planted_in_kept": len(planted),
             "pii_left": sum(value in kept[i] for i, value in planted),
