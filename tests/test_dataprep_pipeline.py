@@ -151,10 +151,21 @@ def test_config_file_and_cli(tmp_path, capsys):
     assert "unknown setting(s) ['vocab']" in capsys.readouterr().err
     assert main(["data", "prepare", str(tmp_path / "missing"), "--quiet"]) == 2
     assert "missing: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "corpus" / "cut.warc.gz").write_bytes(gzip.compress(b"WARC/1.1\r\nContent-Length: 50\r\n\r\nab")[:-9])
+    assert main(["data", "prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cut.warc.gz: unreadable as warc" in err and "replace it" in err
+
     (tmp_path / "urls.txt").write_text("# seeds\nhttps://example.org/\nexample.org/page\n")
     assert main(["data", "crawl", str(tmp_path / "urls.txt"), "--out", str(tmp_path / "c.warc.gz")]) == 2
     err = capsys.readouterr().err
     assert "urls.txt:3" in err and "not an http(s) URL" in err and not (tmp_path / "c.warc.gz").exists()
+    (tmp_path / "typo.toml").write_text('inputs = ["corpus"]\nworkers = "two"\n')
+    with pytest.raises(LmforgeError, match="workers = 'two' should be of type int"):
+        PrepareConfig.from_toml(tmp_path / "typo.toml")
+    (tmp_path / "eval.jsonl").write_text('{"q": "fine"}\n{broken\n')
+    with pytest.raises(LmforgeError, match="eval.jsonl: unreadable"):
+        PrepareConfig(inputs=[str(tmp_path / "corpus")], decontaminate=[str(tmp_path / "eval.jsonl")]).check()
     with pytest.raises(LmforgeError, match="not valid TOML"):
         (tmp_path / "broken.toml").write_text("inputs = [")
         PrepareConfig.from_toml(tmp_path / "broken.toml")

@@ -123,6 +123,13 @@ class PrepareConfig:
         for key in ("out", "tokenizer", "language_model"):
             if settings.get(key) and not Path(settings[key]).is_absolute():
                 settings[key] = str(base / settings[key])
+        defaults = cls()
+        for key, value in settings.items():
+            want = type(getattr(defaults, key))
+            if not (isinstance(value, want) and not (want is int and isinstance(value, bool))
+                    or want is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise LmforgeError(f"config {path}: {key} = {value!r} should be of type {want.__name__} "
+                                   f"(default: {getattr(defaults, key)!r})")
         return cls(**{**settings, **{k: v for k, v in overrides.items() if v is not None}})
 
     def check(self) -> None:
@@ -138,6 +145,12 @@ class PrepareConfig:
             raise LmforgeError(f"heldout_fraction {self.heldout_fraction}: must be between 0 and 1")
         if self.workers < 0 or self.tasks < 0:
             raise LmforgeError("workers and tasks must be 0 (automatic) or positive")
+        for path in self.decontaminate:  # read here, so a bad eval file stops the run before any work
+            try:
+                eval_texts(Path(path))
+            except (ValueError, OSError, EOFError) as e:
+                raise LmforgeError(f"decontaminate: {path}: unreadable ({e}); give text, JSONL or Parquet "
+                                   "files of the eval sets") from None
 
 
 # ----------------------------------------------------------------------------- steps of our own
@@ -386,6 +399,8 @@ def _stderr_to(path: Path):
         with open(path, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
             os.dup2(log.fileno(), 2)
             yield
+    except LmforgeError:
+        raise  # a user's input: its message says what to fix
     except BaseException:
         os.dup2(saved, 2)
         tail = path.read_text(errors="replace").splitlines()[-30:]

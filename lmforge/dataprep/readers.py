@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import BinaryIO
@@ -32,6 +33,8 @@ import trafilatura
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseDiskReader
+
+from lmforge.base import LmforgeError
 
 HTML_SUFFIXES = frozenset({".html", ".htm", ".xhtml"})
 CODE_SUFFIXES = frozenset({".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".go", ".rs", ".rb",
@@ -95,14 +98,22 @@ class InputReader(BaseDiskReader):
 
     name = "📥 inputs"
 
+    only_kind: str | None = None  # set by subclasses that read every file as one kind
+
     def __init__(self, data_folder, glob_pattern: str | None = None, *, id_prefix: str = "", **kwargs):
         super().__init__(data_folder, glob_pattern=glob_pattern, **kwargs)
         self.id_prefix = id_prefix
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
-        kind = input_kind(filepath)
-        read = {"warc": self.read_warc, "jsonl": self.read_jsonl, "parquet": self.read_parquet}.get(kind)
-        yield from (read or self.read_one)(filepath)
+        kind = self.only_kind or input_kind(filepath)
+        read = {"warc": self.read_warc, "jsonl": self.read_jsonl, "parquet": self.read_parquet}.get(kind, self.read_one)
+        try:
+            yield from read(filepath)
+        except (OSError, EOFError, ValueError, zlib.error) as e:
+            # A damaged file (cut short, not what its name says): stop with its name rather than keep
+            # part of it or skip the rest uncounted. Malformed JSON lines are counted, not raised.
+            raise LmforgeError(f"{self.data_folder.resolve_paths(filepath)}: unreadable as {kind} ({e}); the file is "
+                               "damaged or not what its name says: replace it, or move it out of the inputs") from None
 
     def _document(self, text: str, doc_id: str, filepath: str, index: int, **metadata) -> Document | None:
         if not text.strip():
@@ -202,9 +213,7 @@ class TextFileReader(InputReader):
     """Each file under data_folder as one document, whatever its suffix."""
 
     name = "📄 text files"
-
-    def read_file(self, filepath: str) -> DocumentsPipeline:
-        yield from self.read_one(filepath)
+    only_kind = "file"
 
 
 class WarcReader(InputReader):
@@ -212,11 +221,10 @@ class WarcReader(InputReader):
 
     name = "🕷 WARC"
 
+    only_kind = "warc"
+
     def __init__(self, data_folder, glob_pattern: str | None = "*.w[ae][rt]*", **kwargs):
         super().__init__(data_folder, glob_pattern=glob_pattern, **kwargs)
-
-    def read_file(self, filepath: str) -> DocumentsPipeline:
-        yield from self.read_warc(filepath)
 
 
 class HtmlExtractor(BaseFilter):
