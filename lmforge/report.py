@@ -110,6 +110,11 @@ def write_report(run_dir: Path, facts: dict) -> Path:
         "",
         f"- corpus: {split['train']['num_documents']:,} train documents ({split['train']['num_bytes'] / 1e6:.1f} MB, "
         f"{split['train']['num_tokens']:,} tokens); held out by hash of the document id (2%)",
+        *([f"- data pipeline: {facts['pipeline']['documents_in']:,} documents in, "
+           f"{sum(facts['pipeline']['dropped'].values()):,} dropped ("
+           + ", ".join(f"{n:,} {r}" for r, n in sorted(facts["pipeline"]["dropped"].items(), key=lambda x: -x[1]))
+           + f"), PII values redacted: {facts['pipeline']['redacted']:,}; every count in "
+           "[data/data_card.md](data/data_card.md)"] if facts.get("pipeline") else []),
         f"- tokenizer: byte-level BPE, {facts['tokenizer']['vocab_size']:,} tokens, "
         f"{facts['tokenizer']['bytes_per_token']:.2f} bytes/token on the training split",
         f"- model: Llama-style decoder, {model['num_hidden_layers']} layers, width {model['hidden_size']}, "

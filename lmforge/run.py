@@ -195,7 +195,10 @@ def run(*, name: str | None, corpus: str, minutes: float | None, tiny: bool, see
               f"{cfg.schedule} schedule ({cfg.warmup_steps} warm-up steps, last {cfg.decay_frac:.0%} decaying to "
               f"0), batch {cfg.batch_size} x {cfg.seq_len} tokens, clip {cfg.grad_clip}, "
               f"{train['dtype']}, seed {seed}")
-    facts = {"data": meta, "train": train, "eval": result, "model": model.config.to_dict(), "samples": samples,
+    pipeline = {"documents_in": counts["documents_in"], "dropped": counts["dropped"],
+                "redacted": sum(v for k, v in counts["modified"].items() if k.startswith("redacted_"))}
+    facts = {"data": meta, "pipeline": pipeline, "train": train, "eval": result, "model": model.config.to_dict(),
+             "samples": samples,
              "tokenizer": {"vocab_size": tokenizer.vocab_size,
                            "bytes_per_token": split["train"]["num_bytes"] / max(1, split["train"]["num_tokens"])},
              "recipe": recipe, "sampling": ", ".join(f"{k} {v}" for k, v in SAMPLING.items()),

@@ -32,6 +32,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     assert final["bpb"] < 0.85 * initial_bpb, "training did not learn"
     report = (run / "report.md").read_text()
     assert f"{final['bpb']:.3f}" in report and "xz -9" in report and "zlib -9" in report
+    manifest = json.loads((run / "data" / "manifest.json").read_text())  # the corpus went through the pipeline
+    assert f"- data pipeline: {manifest['counts']['documents_in']:,} documents in" in report
+    assert (run / "data" / "data_card.md").exists()
     code = json.loads((run / "chat" / "code_eval.json").read_text())  # the SFT stage: base vs chat, same requests
     assert code["val_tasks"] == code["base"]["n"] == code["chat"]["n"] == len(code["answers"]) == 16
     assert code["train_tasks"] > 500 and code["sft"]["steps"] == 8
