@@ -365,6 +365,8 @@ def _add_data_args(sub) -> None:
                                              "else stdlib)")
     d.add_argument("--config", metavar="TOML", help="a data.toml with any PrepareConfig settings")
     d.add_argument("--out", help="output folder (default: data)")
+    d.add_argument("--executor", choices=("local", "ray"), help="local processes (default) or a Ray cluster "
+                                                                 "(RAY_ADDRESS; --out on a filesystem all nodes see)")
     d.add_argument("--workers", type=int, help="processes (default: every CPU); the output does not depend on it")
     d.add_argument("--tasks", type=int, help="input shards (default: as many as workers)")
     d.add_argument("--tokenizer", metavar="FILE", help="encode with this tokenizer.json instead of training one")
@@ -441,9 +443,10 @@ def cmd_data(args) -> None:
         return
     from lmforge.dataprep.pipeline import PrepareConfig, prepare
 
-    overrides = {"inputs": args.inputs or None, "out": args.out, "workers": args.workers, "tasks": args.tasks,
-                 "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "decontaminate": args.decontaminate,
-                 "language_model": args.language_model, "keep_work": args.keep_work or None}
+    overrides = {"inputs": args.inputs or None, "out": args.out, "executor": args.executor, "workers": args.workers,
+                 "tasks": args.tasks, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
+                 "decontaminate": args.decontaminate, "language_model": args.language_model,
+                 "keep_work": args.keep_work or None}
     if args.config:
         config = PrepareConfig.from_toml(args.config, **overrides)
     else:

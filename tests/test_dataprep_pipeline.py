@@ -64,6 +64,19 @@ def test_output_does_not_depend_on_tasks_or_workers(crawl_runs):
     assert one["files"] == three["files"]  # shards, tokenizer and val.txt byte for byte
 
 
+def test_the_ray_executor_gives_the_same_output(crawl_runs):
+    """The cluster path, on a Ray started on this machine: datatrove's RayPipelineExecutor runs the same
+    stages as tasks (a real cluster needs `out` on a shared filesystem and RAY_ADDRESS set)."""
+    ray = pytest.importorskip("ray")
+    root, _, runs = crawl_runs
+    try:
+        manifest = prepare(PrepareConfig(inputs=[str(root / "crawl")], out=str(root / "out_ray"), executor="ray",
+                                         tasks=3, workers=2, vocab_size=512), progress=False)
+    finally:
+        ray.shutdown()
+    assert manifest["counts"] == runs[1]["counts"] and manifest["files"] == runs[1]["files"]
+
+
 def test_shards_are_what_training_reads(crawl_runs):
     root, _, runs = crawl_runs
     out = root / "out1"

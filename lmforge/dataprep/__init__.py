@@ -7,10 +7,11 @@ near), pii.py (redaction), card.py (data_card.md), crawl.py (`lmforge data crawl
 measured of datatrove 0.10.1 offline (2026-11-23, on tiny inputs) and so why each piece is
 datatrove's or ours.
 
-Clusters: datatrove's SlurmPipelineExecutor and RayPipelineExecutor take the same step lists that
-pipeline.py hands LocalPipelineExecutor (stage by stage, with the same task counts; the bucket stage
-needs tasks divisible by the 14 bands); the in-process steps between stages (find_duplicates,
-tokenizer training, write_shards) then run on one node over the shared work folder.
+Clusters: `executor = "ray"` runs every stage with datatrove's RayPipelineExecutor on the Ray
+cluster at RAY_ADDRESS (tested on a Ray started locally: the same output, byte for byte); `out`
+must then be on a filesystem every node sees, since stages hand each other files in out/work. The
+steps between stages (find_duplicates, tokenizer training, write_shards) run in the driver.
+datatrove's SlurmPipelineExecutor takes the same step lists (not wired up: no Slurm here to test).
 
 Use from datatrove as it is
   LocalPipelineExecutor (Slurm/RayPipelineExecutor: the same pipeline, documented for clusters);

@@ -3,7 +3,7 @@
     prepare(PrepareConfig(inputs=["crawl/", "more.jsonl"], out="data"))  ->  the manifest (a dict)
 
 Stages, each a datatrove pipeline run by LocalPipelineExecutor over `tasks` shards of the input
-files with `workers` processes (datatrove's Slurm/Ray executors run the same steps on a cluster):
+files with `workers` processes (or by its RayPipelineExecutor on a Ray cluster, executor="ray"):
   1. filter     read (readers.py) -> HTML to text -> clean (clean.py) -> URL blocklist -> language
                 (only with a model file) -> code and prose quality filters, harmful words
                 (filters.py) -> PII redaction (pii.py) -> record ids and text hashes, write, MinHash
@@ -71,6 +71,7 @@ class PrepareConfig:
     out: str = "data"
     text_key: str = "text"  # JSONL/Parquet field holding the text
     id_key: str = "id"  # JSONL/Parquet field holding a document id (else file:line)
+    executor: str = "local"  # "local" (processes on this machine) or "ray" (a Ray cluster: RAY_ADDRESS, else local)
     workers: int = 0  # processes; 0 = every CPU, or 1 for inputs under SMALL_INPUT_BYTES
     tasks: int = 0  # input shards; 0 = as many as workers (output does not depend on either)
     max_input_bytes: int = 0  # stdlib only: read at most this many bytes of files (0 = all)
@@ -143,6 +144,8 @@ class PrepareConfig:
                 raise LmforgeError(f"{key} = {getattr(self, key)!r}: no such file")
         if not 0 < self.heldout_fraction < 1:
             raise LmforgeError(f"heldout_fraction {self.heldout_fraction}: must be between 0 and 1")
+        if self.executor not in ("local", "ray"):
+            raise LmforgeError(f"executor {self.executor!r}: choose 'local' or 'ray'")
         if self.workers < 0 or self.tasks < 0:
             raise LmforgeError("workers and tasks must be 0 (automatic) or positive")
         for path in self.decontaminate:  # read here, so a bad eval file stops the run before any work
@@ -412,16 +415,37 @@ def _stderr_to(path: Path):
         setup_default_logger()  # datatrove's logger back on the real stderr, not the closed log
 
 
-def _run(pipeline, *, tasks: int, workers: int, logging_dir: Path) -> list[dict]:
+def _run(pipeline, *, tasks: int, workers: int, logging_dir: Path, executor: str = "local") -> list[dict]:
     """Run one stage; returns its steps' merged stats ([{name, seconds, stats: {key: number}}])."""
     with _stderr_to(logging_dir.with_suffix(".stderr.log")):
-        LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logging_dir),
-                              skip_completed=False).run()
+        if executor == "ray":
+            _ray_executor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir).run()
+        else:
+            LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logging_dir),
+                                  skip_completed=False).run()
+    if not (logging_dir / "stats.json").exists():  # Ray reports failed tasks in its log, not by raising
+        raise RuntimeError(f"a task of {logging_dir.name} failed; its log is in {logging_dir / 'logs'}")
     steps = json.loads((logging_dir / "stats.json").read_text())
     return [{"name": s["name"].split(": ", 1)[-1],
              "seconds": s["time_stats"]["total"] if isinstance(s["time_stats"], dict) else 0.0,
              "stats": {k: v["total"] if isinstance(v, dict) else v for k, v in s["stats"].items()}}
             for s in steps]
+
+
+def _ray_executor(pipeline, *, tasks: int, workers: int, logging_dir: Path):
+    """datatrove's Ray executor on the cluster at RAY_ADDRESS, or on a Ray started on this machine. On a
+    real cluster `out` must be on a filesystem every node sees: the stages hand each other files there."""
+    try:
+        import ray
+    except ImportError:
+        raise LmforgeError("executor = 'ray' needs Ray: pip install 'ray>=2.9'") from None
+    from datatrove.executor import RayPipelineExecutor
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
+                               skip_completed=False, mem_per_cpu_gb=1)
 
 
 def account(steps: list[dict]) -> dict:
@@ -529,7 +553,11 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
     stage1 = [*readers(config), *filter_steps(config), RecordKeys(work / "keys"), task_writer(work / "filtered")]
     if config.near_dedup:
         stage1.append(MinhashDedupSignature(str(work / "signatures"), config=minhash, language=Words()))
-    steps = _run(stage1, tasks=tasks, workers=workers, logging_dir=work / "logs" / "filter")
+    def run_stage(name: str, pipeline: list, num_tasks: int = tasks) -> list[dict]:
+        return _run(pipeline, tasks=num_tasks, workers=workers, logging_dir=work / "logs" / name,
+                    executor=config.executor)
+
+    steps = run_stage("filter", stage1)
     seconds["read + filter"] = time.perf_counter() - t0
 
     say("[2/5] duplicates: " + ", ".join(k for k, on in (("exact", config.exact_dedup), (
@@ -537,8 +565,8 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
         config.near_dedup)) if on) if config.exact_dedup or config.near_dedup else "[2/5] duplicates: off")
     t0 = time.perf_counter()
     if config.near_dedup and any((work / "signatures").rglob("*.sig")):
-        _run([MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=minhash)],
-             tasks=minhash.num_buckets, workers=workers, logging_dir=work / "logs" / "buckets")
+        run_stage("buckets", [MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=minhash)],
+                  minhash.num_buckets)
     survivor_of = find_duplicates(work / "keys", work / "buckets" if config.near_dedup else None, work / "remove",
                                   exact=config.exact_dedup)
     (work / "duplicates.json").write_text(json.dumps(survivor_of))
@@ -547,9 +575,10 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
     say(f"[3/5] held-out split ({config.heldout_fraction:.0%} by id hash)"
         + (f", decontamination against {len(config.decontaminate)} eval file(s)" if config.decontaminate else ""))
     t0 = time.perf_counter()
-    steps += _run([TaskReader(work / "filtered"), DropDuplicates(work / "remove"),
-                   SplitAndDecontaminate(config.heldout_fraction, config.decontaminate, config.decontaminate_ngrams),
-                   task_writer(work / "kept")], tasks=tasks, workers=workers, logging_dir=work / "logs" / "split")
+    steps += run_stage("split", [TaskReader(work / "filtered"), DropDuplicates(work / "remove"),
+                                 SplitAndDecontaminate(config.heldout_fraction, config.decontaminate,
+                                                       config.decontaminate_ngrams),
+                                 task_writer(work / "kept")])
     seconds["split"] = time.perf_counter() - t0
     counts = account(steps)
     if not sum(step["stats"].get("split_train", 0) for step in steps):
@@ -575,8 +604,7 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
 
     say("[5/5] encode -> token shards")
     t0 = time.perf_counter()
-    _run([TaskReader(work / "kept"), Encode(out / "tokenizer.json", work / "tokens")], tasks=tasks, workers=workers,
-         logging_dir=work / "logs" / "encode")
+    run_stage("encode", [TaskReader(work / "kept"), Encode(out / "tokenizer.json", work / "tokens")])
     splits, lengths = write_shards(work / "tokens", out, tokenizer, tasks)
     seconds["encode"] = time.perf_counter() - t0
 
