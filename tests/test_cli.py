@@ -66,9 +66,11 @@ def test_missing_and_empty_corpus(tmp_path, capsys):
     empty.mkdir()
     (empty / "blank.txt").write_text("")
     (empty / "binary.txt").write_bytes(b"\x00\xff" * 10)
-    err = one_line_error(capsys, ["run", "--tiny", "--quiet", "--corpus", str(empty), "--runs-dir",
-                                  str(tmp_path / "r")], "no readable documents")
-    assert "1 binary" in err and "1 empty" in err
+    assert main(["run", "--tiny", "--quiet", "--corpus", str(empty), "--runs-dir", str(tmp_path / "r")]) == 2
+    *warnings, err = capsys.readouterr().err.strip().splitlines()  # each bad file named, then the one error
+    assert "no readable documents" in err and "1 binary" in err and "1 empty" in err and "Traceback" not in err
+    assert sorted(w.split(": ")[-1] for w in warnings) == ["binary", "empty"]
+    assert all(w.startswith(f"warning: {empty}/") for w in warnings)
 
 
 @pytest.fixture()

@@ -76,7 +76,9 @@ def html(text: str) -> tuple[int, dict, bytes]:
 
 def records(path):
     with gzip.open(path) as f:
-        return list(warc_records(f))
+        recs = list(warc_records(f))
+    assert not [r for r in recs if r.problem]  # well formed, whole
+    return [(r.headers, r.block) for r in recs]
 
 
 def read_back(folder):

@@ -125,6 +125,55 @@ def test_every_input_format_and_every_drop_is_counted(tmp_path):
     assert not (tmp_path / "out" / "work").exists()  # working files removed without keep_work
 
 
+def test_bad_input_is_dropped_counted_and_named_and_the_rest_is_intact(tmp_path, capsys):
+    """Binary, invalid UTF-8, empty, a 100 MB single line, malformed JSONL lines, a gzip cut short, a WARC
+    cut short and one with garbage between records: each dropped with a reason and its file and position
+    reported; the run goes on, and every good document around them is kept whole."""
+    from lmforge.dataprep.synthetic import html_page, warc_record
+
+    rng = __import__("random").Random(3)
+    good = ["\n\n".join(prose_paragraphs(rng, 4)) for _ in range(12)]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "ok.txt").write_text(good[0])
+    (inputs / "image.txt").write_bytes(b"GIF89a\x00\x01\x02")
+    (inputs / "latin1.txt").write_bytes("na\xefve caf\xe9".encode("latin-1"))
+    (inputs / "empty.md").write_text("\n \n")
+    with open(inputs / "huge.txt", "wb") as f:  # 100 MB, one line: never even read
+        f.write(b"x" * (100 << 20))
+    lines = [json.dumps({"text": good[1]}), "{not json", json.dumps([1, 2]), json.dumps({"body": "x"}),
+             json.dumps({"text": good[2]})]
+    (inputs / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    whole = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in good[3:6]).encode())
+    (inputs / "cut.jsonl.gz").write_bytes(whole[:-30])  # the last line's end and the gzip trailer are gone
+    records = [warc_record(f"https://ok.example/{i}", html_page(f"Page {i}", good[6 + i]), f"0000-{i}")
+               for i in range(4)]
+    (inputs / "garbled.warc.gz").write_bytes(records[0] + gzip.compress(b"this is no WARC header\r\n\r\n")
+                                             + records[1])
+    (inputs / "cut.warc.gz").write_bytes(records[2] + records[3][:len(records[3]) // 2])
+    manifest = prepare(PrepareConfig(inputs=[str(inputs)], out=str(tmp_path / "out"), workers=1, vocab_size=400,
+                                     heldout_fraction=0.3, prose_filters=[], keep_work=True), progress=False)
+    assert reconciles(manifest)
+    dropped = manifest["counts"]["dropped"]
+    assert dropped == {"binary": 1, "invalid_utf8": 1, "empty": 1, "too_large": 1, "bad_json": 2,
+                       "no_text_field": 1, "truncated": 2, "malformed_warc": 1}
+    where = sorted((p["file"].rsplit("/", 1)[-1], p["reason"], p["position"]) for p in manifest["problems"])
+    garbled, cut_warc = (next(w for f, r, w in where if f == name) for name in ("garbled.warc.gz", "cut.warc.gz"))
+    assert where == sorted([("image.txt", "binary", "byte 6"), ("latin1.txt", "invalid_utf8", "byte 2"),
+                            ("empty.md", "empty", "whole file"), ("huge.txt", "too_large", "whole file"),
+                            ("docs.jsonl", "bad_json", "line 2"), ("docs.jsonl", "bad_json", "line 3"),
+                            ("docs.jsonl", "no_text_field", "line 4"), ("cut.jsonl.gz", "truncated", "line 3"),
+                            ("garbled.warc.gz", "malformed_warc", garbled), ("cut.warc.gz", "truncated", cut_warc)])
+    assert garbled.startswith("record 1 ") and cut_warc.startswith("record 1 ")
+    assert "warning: " in capsys.readouterr().err  # said, not only counted
+    card = (tmp_path / "out" / "data_card.md").read_text()
+    assert "### Bad input (10, each dropped above)" in card and "cut.jsonl.gz" in card
+    kept = [json.loads(line)["text"] for p in (tmp_path / "out" / "work" / "kept").glob("*.jsonl") for line in p.open()]
+    assert len(kept) == 8  # ok.txt, 2 JSONL lines, the cut gzip's 2 whole lines, 2 + 1 WARC pages
+    for text in good[:5] + good[6:9]:  # every good document around the bad ones, whole
+        assert any(" ".join(text.split()[:30]) in " ".join(k.split()) for k in kept), text[:60]
+
+
 def test_decontamination_drops_training_documents_sharing_a_13_gram(tmp_path):
     rng = __import__("random").Random(1)
     docs = ["\n\n".join(prose_paragraphs(rng, 4)) for _ in range(30)]
@@ -165,9 +214,11 @@ def test_config_file_and_cli(tmp_path, capsys):
     assert main(["data", "prepare", str(tmp_path / "missing"), "--quiet"]) == 2
     assert "missing: no such file or folder" in capsys.readouterr().err
     (tmp_path / "corpus" / "cut.warc.gz").write_bytes(gzip.compress(b"WARC/1.1\r\nContent-Length: 50\r\n\r\nab")[:-9])
-    assert main(["data", "prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "cut.warc.gz: unreadable as warc" in err and "replace it" in err
+    assert main(["data", "prepare", "--config", str(tmp_path / "data.toml"), "--quiet"]) == 0  # bad input: said
+    out, err = capsys.readouterr()
+    assert "21 documents in, 20 kept" in out
+    assert err.startswith(f"warning: {tmp_path / 'corpus' / 'cut.warc.gz'}: record 0 (byte ")
+    assert err.strip().endswith("uncompressed): truncated") and len(err.strip().splitlines()) == 1
 
     (tmp_path / "urls.txt").write_text("# seeds\nhttps://example.org/\nexample.org/page\n")
     assert main(["data", "crawl", str(tmp_path / "urls.txt"), "--out", str(tmp_path / "c.warc.gz")]) == 2

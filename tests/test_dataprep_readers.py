@@ -67,13 +67,13 @@ def test_warc_and_wet_records_are_each_counted(tmp_path):
     warc = stats["🕷 WARC"]
     assert warc["documents_in"] == 6 and warc["skipped_warcinfo"] == 1 and warc["skipped_request"] == 1
     assert warc["dropped_http_status_not_200"] == 1 and warc["dropped_not_html"] == 1 and warc["dropped_empty"] == 1
-    assert warc["decoded_latin1"] == 1
+    assert warc["decoded_fallback"] == 1
     assert [d["id"] for d in docs] == ["https://a.example/", "https://b.example/", "https://d.example/"]
-    assert "Café crème" in docs[1]["text"]  # Latin-1 bytes read as Latin-1, not lost
+    assert "Café crème" in docs[1]["text"]  # mislabelled Latin-1 read as browsers read it, not lost
     assert docs[2]["text"] == "Plain text of a page." and docs[0]["metadata"]["url"] == "https://a.example/"
 
 
-def test_files_are_typed_by_suffix_and_empty_ones_counted(tmp_path):
+def test_files_are_typed_by_suffix_and_empty_or_non_utf8_ones_counted(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.py").write_text("def f():\n    return 1\n")
@@ -81,7 +81,6 @@ def test_files_are_typed_by_suffix_and_empty_ones_counted(tmp_path):
     (folder / "c.md").write_text("  \n")
     (folder / "d.html").write_text("<html><body><p>hi</p></body></html>")
     docs, stats = run([TextFileReader(str(folder))], tmp_path, "out")
-    assert {d["id"]: d["metadata"]["format"] for d in docs} == {"a.py": "code", "b.txt": "text", "d.html": "html"}
-    assert docs[1]["text"] == "naïve"
+    assert {d["id"]: d["metadata"]["format"] for d in docs} == {"a.py": "code", "d.html": "html"}
     files = stats["📄 text files"]
-    assert files["documents_in"] == 4 and files["dropped_empty"] == 1 and files["decoded_latin1"] == 1
+    assert files["documents_in"] == 4 and files["dropped_empty"] == 1 and files["dropped_invalid_utf8"] == 1

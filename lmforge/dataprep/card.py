@@ -21,6 +21,7 @@ import numpy as np
 from lmforge.dataprep.pii import PLACEHOLDERS
 
 MAX_REASON_BARS = 25  # beyond this the bars are unreadable: the smallest reasons share one "other" bar
+MAX_PROBLEMS_LISTED = 50  # bad inputs named in the card; manifest.json holds them all
 
 # What each drop reason means. Names are the reasons the steps report (datatrove's `dropped_<reason>`
 # stats, without the prefix); an unknown reason is shown without a meaning, never an error.
@@ -29,6 +30,10 @@ REASONS = {
     "empty": "nothing left to read (empty file, record or text after cleaning)",
     "binary": "the file is binary, not text",
     "bad_json": "a JSONL line that is not valid JSON",
+    "invalid_utf8": "a file or JSONL line that is not UTF-8",
+    "too_large": "over max_document_bytes (default 16 MB): not read",
+    "truncated": "the file ends early (a gzip, WARC record or Parquet file cut short); what came before is kept",
+    "malformed_warc": "bytes where a WARC record header should be; skipped to the next record",
     "no_text_field": "a record without the text field",
     "http_status_not_200": "a WARC response whose HTTP status is not 200",
     "not_html": "a WARC response that is not HTML",
@@ -92,7 +97,7 @@ FAMILIES = {
 MODIFICATIONS = {
     "repaired_unicode": "documents whose text ftfy repaired (mojibake, entities, control characters)",
     "whitespace_normalised": "documents whose line ends, trailing or repeated whitespace were normalised",
-    "decoded_latin1": "documents read as Latin-1 because they were not UTF-8",
+    "decoded_fallback": "HTML pages read as windows-1252, their declared charset not fitting their bytes",
     **{f"redacted_{kind}": f"replaced by `{placeholder}` (counts items, not documents)"
        for kind, placeholder in PLACEHOLDERS.items()},
 }
@@ -330,6 +335,15 @@ def write_data_card(out_dir: Path, manifest: dict, lengths: dict[str, np.ndarray
                   f"| **all** | **{num_dropped:,}** | **{pct(num_dropped)}** | |"]
     else:
         lines.append("Nothing dropped: every document read was kept.")
+    problems = manifest.get("problems", [])
+    if problems:  # bad input (binary, not UTF-8, cut short, ...): each named, so it can be found and fixed
+        shown = problems[:MAX_PROBLEMS_LISTED]
+        lines += ["", f"### Bad input ({len(problems):,}, each dropped above)", "",
+                  "| file | where | reason | detail |", "|---|---|---|---|",
+                  *(f"| `{_cell(p['file'])}` | {_cell(p['position'])} | `{p['reason']}` | {_cell(p['detail'])} |"
+                    for p in shown)]
+        if len(problems) > len(shown):
+            lines.append(f"\n... and {len(problems) - len(shown):,} more, all in manifest.json (\"problems\").")
     lines += ["", "## Modified but kept", ""]
     if counts.get("modified"):
         lines += ["| change | count | meaning |", "|---|---|---|",

@@ -23,7 +23,9 @@ in a duplicate cluster to its survivor, work/logs/ has datatrove's logs and per-
 
 Every document is accounted for: documents in (every record a reader saw that could be a document)
 == kept + the sum of drops by reason, summed from every step's datatrove stats; prepare checks it
-and refuses to write a manifest that does not add up.
+and refuses to write a manifest that does not add up. Bad input (binary, not UTF-8, too large,
+malformed JSON, files cut short, garbled WARC) never stops a run: each is dropped, counted, and
+named with its file and position, on stderr, in manifest.json ("problems") and in the data card.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class PrepareConfig:
     workers: int = 0  # processes; 0 = every CPU, or 1 for inputs under SMALL_INPUT_BYTES
     tasks: int = 0  # input shards; 0 = as many as workers (output does not depend on either)
     max_input_bytes: int = 0  # stdlib only: read at most this many bytes of files (0 = all)
+    max_document_bytes: int = 16 << 20  # a larger file, JSONL line or record is dropped (too_large), not read
     # filters
     code_filters: bool = True
     prose_filters: list[str] = field(default_factory=lambda: ["gopher_repetition", "gopher_quality", "c4",
@@ -178,19 +181,25 @@ class StdlibReader(PipelineStep):
     name = "🐍 stdlib"
     type = "📖 - READER"
 
-    def __init__(self, max_bytes: int = 0):
+    def __init__(self, max_bytes: int = 0, problems_dir: Path | None = None):
         super().__init__()
-        self.max_bytes = max_bytes
+        self.max_bytes, self.problems_dir = max_bytes, problems_dir
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from lmforge.dataprep.readers import decode
+        from lmforge.dataprep.readers import report_problem
 
         root, files = stdlib_files(self.max_bytes)
         for path in files[rank::world_size]:
             self.stat_update("documents_in")
-            text = decode(path.read_bytes(), self)
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # a few test files are deliberately in other encodings
+                self.stat_update("dropped_invalid_utf8")
+                report_problem(self.problems_dir, str(path), f"byte {e.start}", "invalid_utf8")
+                continue
             if not text.strip():
-                self.stat_update("dropped_empty")
+                self.stat_update("dropped_empty")  # empty __init__.py files: normal here, not reported
                 continue
             yield Document(text=text, id=f"stdlib/{path.relative_to(root).as_posix()}", metadata={"format": "code"})
         if rank == 0:
@@ -352,23 +361,30 @@ def filter_steps(config: PrepareConfig) -> list[PipelineStep]:
     return steps
 
 
-def readers(config: PrepareConfig) -> list[PipelineStep]:
+def readers(config: PrepareConfig, problems_dir: Path) -> list[PipelineStep]:
     from lmforge.dataprep.readers import InputReader
 
     steps: list[PipelineStep] = []
     for path in config.inputs:
         if path == STDLIB:
-            steps.append(StdlibReader(config.max_input_bytes))
+            steps.append(StdlibReader(config.max_input_bytes, problems_dir))
             continue
         p = Path(path)
         # several inputs: each id starts with its input's name, so two folders' "a.txt" stay two documents
-        prefix = f"{p.name}/" if len(config.inputs) > 1 else ""
+        settings = dict(id_prefix=f"{p.name}/" if len(config.inputs) > 1 else "", text_key=config.text_key,
+                        id_key=config.id_key, max_document_bytes=config.max_document_bytes, problems_dir=problems_dir)
         if p.is_dir():
-            steps.append(InputReader(str(p), id_prefix=prefix, text_key=config.text_key, id_key=config.id_key))
+            steps.append(InputReader(str(p), **settings))
         else:
-            steps.append(InputReader(str(p.parent), glob_pattern=p.name, id_prefix=prefix, text_key=config.text_key,
-                                     id_key=config.id_key))
+            steps.append(InputReader(str(p.parent), glob_pattern=p.name, **settings))
     return steps
+
+
+def gather_problems(problems_dir: Path) -> list[dict]:
+    """Every input the readers dropped as bad, from all workers, in file order."""
+    rows = [json.loads(line) for path in problems_dir.glob("*.jsonl") for line in path.open()]
+    return sorted(rows, key=lambda r: (r["file"], [int(t) if t.isdigit() else t for t in re.split(r"(\d+)",
+                                                                                                r["position"])]))
 
 
 def describe_inputs(config: PrepareConfig) -> list[dict]:
@@ -550,7 +566,8 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
     if not config.language_model:
         say("      language ID: off (no language_model given; lmforge downloads none)")
     t0 = time.perf_counter()
-    stage1 = [*readers(config), *filter_steps(config), RecordKeys(work / "keys"), task_writer(work / "filtered")]
+    stage1 = [*readers(config, work / "problems"), *filter_steps(config), RecordKeys(work / "keys"),
+              task_writer(work / "filtered")]
     if config.near_dedup:
         stage1.append(MinhashDedupSignature(str(work / "signatures"), config=minhash, language=Words()))
     def run_stage(name: str, pipeline: list, num_tasks: int = tasks) -> list[dict]:
@@ -558,6 +575,13 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
                     executor=config.executor)
 
     steps = run_stage("filter", stage1)
+    problems = gather_problems(work / "problems")
+    for p in problems[:10]:  # bad input is dropped and counted, and said, whatever --quiet says
+        print(f"warning: {p['file']}: {p['position']}: {p['reason']}" + (f" ({p['detail']})" if p["detail"] else ""),
+              file=sys.stderr)
+    if len(problems) > 10:
+        print(f"warning: ... and {len(problems) - 10:,} more dropped inputs, each in {out / 'manifest.json'}",
+              file=sys.stderr)
     seconds["read + filter"] = time.perf_counter() - t0
 
     say("[2/5] duplicates: " + ", ".join(k for k, on in (("exact", config.exact_dedup), (
@@ -627,7 +651,8 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
                    "kept_by_split": {s: v["num_documents"] for s, v in splits.items()},
                    "dropped": counts["dropped"], "skipped": counts["skipped"], "modified": counts["modified"],
                    "duplicate_clusters": len(set(survivor_of.values()))},
-        "stages": counts["stages"], "splits": splits, "files": {name: _sha256(out / name) for name in files},
+        "problems": problems, "stages": counts["stages"], "splits": splits,
+        "files": {name: _sha256(out / name) for name in files},
         "seconds": time.perf_counter() - t_start, "stage_seconds": seconds, "tasks": tasks, "workers": workers,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -14,61 +14,104 @@ what a worker saw before. Files are the unit of work: datatrove hands each task 
 one big archive is read by one worker (split large inputs into several files to read in parallel).
 
 Counting, in the step's datatrove stats: `documents_in` for every record that could be a document,
-`dropped_<reason>` for each one that is not kept (binary, empty, bad_json, no_text_field,
-http_status_not_200, not_html), and for WARC records that are not documents at all (requests,
-warcinfo, metadata) `skipped_<type>`. Bytes that are not UTF-8 are read as Latin-1
-(counted as `decoded_latin1`) rather than dropped: the cleaning step repairs mojibake.
+`dropped_<reason>` for each one that is not kept, and for WARC records that are not documents at
+all (requests, warcinfo, metadata) `skipped_<type>`. Bad input never stops a run and never goes
+unreported: each of these is dropped, counted, and reported as a problem naming the file and the
+position in it (a warning in the log, and a line in problems_dir/*.jsonl, which the pipeline
+gathers into the manifest and prints):
+    binary           a NUL byte in the first 8 KiB (images, archives, compiled files)
+    invalid_utf8     a file or JSONL line that is not UTF-8 (position: the first bad byte)
+    too_large        a document over max_document_bytes (default 16 MB; a file is not even read)
+    empty            nothing but whitespace
+    bad_json         a JSONL line that does not parse as a JSON object
+    no_text_field    a JSONL/Parquet record without a string text field
+    truncated        a gzip stream, WARC record or Parquet file that ends early: what came before
+                     it is kept, the cut record is the one document lost
+    malformed_warc   bytes where a WARC record header should be: skipped up to the next record
+HTML responses are decoded as their Content-Type says (else UTF-8, else windows-1252, as browsers
+do, counted `decoded_fallback`); a 404 or a non-HTML response is dropped by status, without a warning.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import zlib
 from collections.abc import Iterator
-from pathlib import PurePosixPath
-from typing import BinaryIO
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, NamedTuple
 
 import trafilatura
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseDiskReader
-
-from lmforge.base import LmforgeError
+from datatrove.utils.logging import logger
 
 HTML_SUFFIXES = frozenset({".html", ".htm", ".xhtml"})
 CODE_SUFFIXES = frozenset({".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".go", ".rs", ".rb",
                            ".php", ".sh", ".sql", ".kt", ".swift", ".scala", ".cs", ".lua", ".r", ".jl"})
 
 
-def decode(raw: bytes, step, charset: str = "utf-8") -> str:
-    """Text of some bytes: the declared charset (UTF-8 by default), else Latin-1, which cannot fail."""
+MAX_DOCUMENT_BYTES = 16 << 20
+
+
+def decode_html(raw: bytes, step, charset: str = "utf-8") -> str:
+    """An HTML body: its declared charset, else windows-1252 (what browsers assume of an undeclared or
+    wrongly declared page; latin-1 for the few bytes cp1252 leaves undefined), counted."""
     try:
         return raw.decode(charset)
     except (UnicodeDecodeError, LookupError):
-        step.stat_update("decoded_latin1")
-        return raw.decode("latin-1")
+        step.stat_update("decoded_fallback")
+        return raw.decode("cp1252", errors="ignore") if all(b not in raw for b in b"\x81\x8d\x8f\x90\x9d") \
+            else raw.decode("latin-1")
 
 
-def warc_records(stream: BinaryIO) -> Iterator[tuple[dict[str, str], bytes]]:
-    """(headers, block) of each record in an uncompressed WARC stream (a gzip one is opened as one stream:
-    Python's gzip reads the member-per-record files Common Crawl writes)."""
-    while True:
-        line = stream.readline()
-        if not line:
-            return
-        if not line.strip():
-            continue  # the blank lines that end the previous record
-        if not line.startswith(b"WARC/"):
-            raise ValueError(f"not a WARC record header: {line[:40]!r}")
-        headers = {}
-        for line in iter(stream.readline, b""):
+class WarcRecord(NamedTuple):
+    offset: int  # in the uncompressed stream
+    headers: dict[str, str]
+    block: bytes
+    problem: str | None = None  # "malformed_warc" or "truncated": headers/block then describe what was there
+
+
+def warc_records(stream: BinaryIO) -> Iterator[WarcRecord]:
+    """Each record of an uncompressed WARC stream (a gzip one is opened as one stream: Python's gzip reads
+    the member-per-record files Common Crawl writes). Bytes that are not a record header are reported
+    once (problem "malformed_warc") and skipped up to the next "WARC/" line; a stream that ends inside a
+    record, or a gzip stream cut short, ends with one record whose problem is "truncated"."""
+    offset = 0
+    try:
+        while True:
+            line = stream.readline()
+            if not line:
+                return
+            start, offset = offset, offset + len(line)
             if not line.strip():
-                break
-            key, _, value = line.decode("utf-8", "replace").partition(":")
-            headers[key.strip().lower()] = value.strip()
-        block = stream.read(int(headers.get("content-length", 0)))
-        yield headers, block
+                continue  # the blank lines that end the previous record
+            if not line.startswith(b"WARC/"):
+                while line and not line.startswith(b"WARC/"):  # resynchronise on the next record header
+                    line = stream.readline()
+                    offset += len(line)
+                yield WarcRecord(start, {}, b"", "malformed_warc")
+                if not line:
+                    return
+                start = offset - len(line)
+            headers = {}
+            for line in iter(stream.readline, b""):
+                offset += len(line)
+                if not line.strip():
+                    break
+                key, _, value = line.decode("utf-8", "replace").partition(":")
+                headers[key.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", "0") or 0)
+            block = stream.read(length)
+            offset += len(block)
+            if len(block) < length:
+                yield WarcRecord(start, headers, block, "truncated")
+                return
+            yield WarcRecord(start, headers, block)
+    except (EOFError, zlib.error, gzip.BadGzipFile):  # a gzip stream cut short or damaged
+        yield WarcRecord(offset, {}, b"", "truncated")
 
 
 def _http_parts(block: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -100,97 +143,134 @@ class InputReader(BaseDiskReader):
 
     only_kind: str | None = None  # set by subclasses that read every file as one kind
 
-    def __init__(self, data_folder, glob_pattern: str | None = None, *, id_prefix: str = "", **kwargs):
+    def __init__(self, data_folder, glob_pattern: str | None = None, *, id_prefix: str = "",
+                 max_document_bytes: int = MAX_DOCUMENT_BYTES, problems_dir: str | Path | None = None, **kwargs):
         super().__init__(data_folder, glob_pattern=glob_pattern, **kwargs)
-        self.id_prefix = id_prefix
+        self.id_prefix, self.max_document_bytes = id_prefix, max_document_bytes
+        self.problems_dir = Path(problems_dir) if problems_dir else None
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         kind = self.only_kind or input_kind(filepath)
         read = {"warc": self.read_warc, "jsonl": self.read_jsonl, "parquet": self.read_parquet}.get(kind, self.read_one)
-        try:
-            yield from read(filepath)
-        except (OSError, EOFError, ValueError, zlib.error) as e:
-            # A damaged file (cut short, not what its name says): stop with its name rather than keep
-            # part of it or skip the rest uncounted. Malformed JSON lines are counted, not raised.
-            raise LmforgeError(f"{self.data_folder.resolve_paths(filepath)}: unreadable as {kind} ({e}); the file is "
-                               "damaged or not what its name says: replace it, or move it out of the inputs") from None
+        yield from read(filepath)
 
-    def _document(self, text: str, doc_id: str, filepath: str, index: int, **metadata) -> Document | None:
+    def drop(self, filepath: str, position: str, reason: str, detail: str = "") -> None:
+        """Count one input as dropped for reason, and report it: a log warning and a problems file line."""
+        self.stat_update(f"dropped_{reason}")
+        report_problem(self.problems_dir, self.data_folder.resolve_paths(filepath), position, reason, detail)
+
+    def _document(self, text: str, doc_id: str, filepath: str, index: int, position: str,
+                  **metadata) -> Document | None:
         if not text.strip():
-            self.stat_update("dropped_empty")
+            self.drop(filepath, position, "empty")
             return None
         return self.get_document_from_dict({"text": text, "id": self.id_prefix + doc_id, **metadata}, filepath, index)
 
     def read_one(self, filepath: str) -> DocumentsPipeline:
         """The whole file as one document; metadata["format"] is "html", "code" or "text" by suffix."""
+        self.stat_update("documents_in")
+        size = self.data_folder.size(filepath)
+        if size > self.max_document_bytes:  # not even read
+            self.drop(filepath, "whole file", "too_large", f"{size:,} bytes > {self.max_document_bytes:,}")
+            return
         with self.data_folder.open(filepath, "rb") as f:
             raw = f.read()
-        self.stat_update("documents_in")
         if b"\x00" in raw[:8192]:  # images, archives, compiled files: no text to read
-            self.stat_update("dropped_binary")
+            self.drop(filepath, f"byte {raw.index(0)}", "binary")
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.drop(filepath, f"byte {e.start}", "invalid_utf8", repr(raw[e.start:e.start + 4]))
             return
         suffix = PurePosixPath(filepath).suffix.lower()
         kind = "html" if suffix in HTML_SUFFIXES else "code" if suffix in CODE_SUFFIXES else "text"
-        document = self._document(decode(raw, self), filepath, filepath, 0, format=kind)
+        document = self._document(text, filepath, filepath, 0, "whole file", format=kind)
         if document:
             yield document
 
-    def _record(self, record, filepath: str, index: int, where: str) -> Document | None:
+    def _record(self, record, filepath: str, index: int, position: str) -> Document | None:
         """One JSONL/Parquet record (already parsed) as a prose document, or a counted drop."""
-        self.stat_update("documents_in")
         if not isinstance(record, dict):
-            self.stat_update("dropped_bad_json")
+            self.drop(filepath, position, "bad_json", "not a JSON object")
             return None
         text = record.get(self.text_key)
         if not isinstance(text, str):
-            self.stat_update("dropped_no_text_field")
+            self.drop(filepath, position, "no_text_field", f"no string {self.text_key!r} field")
             return None
         doc_id = record.get(self.id_key)
-        doc_id = str(doc_id) if doc_id is not None else f"{filepath}:{where}"
+        doc_id = str(doc_id) if doc_id is not None else f"{filepath}:{position.split()[-1]}"  # path:line, path:row
         extra = {k: record[k] for k in ("url", "date") if isinstance(record.get(k), str)}
-        return self._document(text, doc_id, filepath, index, format="text", **extra)
+        return self._document(text, doc_id, filepath, index, position, format="text", **extra)
 
     def read_jsonl(self, filepath: str) -> DocumentsPipeline:
+        line_no = 0
         with self.data_folder.open(filepath, "rb", compression="infer") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
+            try:
+                for line_no, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
                     self.stat_update("documents_in")
-                    self.stat_update("dropped_bad_json")
-                    continue
-                document = self._record(record, filepath, line_no, str(line_no))
-                if document:
-                    yield document
-
-    def read_parquet(self, filepath: str) -> DocumentsPipeline:
-        import pyarrow.parquet as pq
-
-        with self.data_folder.open(filepath, "rb") as f, pq.ParquetFile(f) as table:
-            row = 0
-            for batch in table.iter_batches(batch_size=1000):
-                for record in batch.to_pylist():
-                    document = self._record(record, filepath, row, str(row))
-                    row += 1
+                    where = f"line {line_no}"
+                    if len(line) > self.max_document_bytes:
+                        self.drop(filepath, where, "too_large", f"{len(line):,} bytes")
+                        continue
+                    try:
+                        record = json.loads(line.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        self.drop(filepath, f"{where}, byte {e.start}", "invalid_utf8")
+                        continue
+                    except ValueError as e:
+                        self.drop(filepath, where, "bad_json", str(e))
+                        continue
+                    document = self._record(record, filepath, line_no, where)
                     if document:
                         yield document
+            except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:  # a .gz cut short: the lines before stay
+                self.stat_update("documents_in")
+                self.drop(filepath, f"line {line_no + 1}", "truncated", str(e))
+
+    def read_parquet(self, filepath: str) -> DocumentsPipeline:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        row = 0
+        try:
+            with self.data_folder.open(filepath, "rb") as f, pq.ParquetFile(f) as table:
+                for batch in table.iter_batches(batch_size=1000):
+                    for record in batch.to_pylist():
+                        self.stat_update("documents_in")
+                        document = self._record(record, filepath, row, f"row {row}")
+                        row += 1
+                        if document:
+                            yield document
+        except (pa.ArrowException, OSError) as e:  # damaged or cut short: the rows before stay
+            self.stat_update("documents_in")
+            self.drop(filepath, f"row {row}", "truncated", str(e))
 
     def read_warc(self, filepath: str) -> DocumentsPipeline:
         """HTML responses of WARC files (format "html", for HtmlExtractor) and text conversions of WET
         files (format "text"); the id is the record's target URI, also metadata["url"]."""
         with self.data_folder.open(filepath, "rb") as raw:
             stream = gzip.open(raw) if filepath.endswith(".gz") else raw
-            for index, (headers, block) in enumerate(warc_records(stream)):
+            for index, record in enumerate(warc_records(stream)):
+                headers, where = record.headers, f"record {index} (byte {record.offset:,} uncompressed)"
                 kind = headers.get("warc-type", "unknown")
+                if record.problem:
+                    self.stat_update("documents_in")
+                    self.drop(filepath, where, record.problem)
+                    continue
                 url = headers.get("warc-target-uri", f"{filepath}#{index}")
                 if kind == "conversion":
                     self.stat_update("documents_in")
-                    text, fmt = decode(block, self), "text"
+                    try:
+                        text, fmt = record.block.decode("utf-8"), "text"
+                    except UnicodeDecodeError as e:
+                        self.drop(filepath, f"{where}, byte {e.start} of the block", "invalid_utf8")
+                        continue
                 elif kind == "response":
                     self.stat_update("documents_in")
-                    status, http, body = _http_parts(block)
+                    status, http, body = _http_parts(record.block)
                     content_type = http.get("content-type", "").lower()
                     if status != 200:
                         self.stat_update("dropped_http_status_not_200")
@@ -199,14 +279,24 @@ class InputReader(BaseDiskReader):
                         self.stat_update("dropped_not_html")
                         continue
                     charset = content_type.partition("charset=")[2].split(";")[0].strip() or "utf-8"
-                    text, fmt = decode(body, self, charset), "html"
+                    text, fmt = decode_html(body, self, charset), "html"
                 else:
                     self.stat_update(f"skipped_{kind}")  # requests, warcinfo, metadata: not documents
                     continue
-                document = self._document(text, url, filepath, index, format=fmt, url=url,
+                document = self._document(text, url, filepath, index, where, format=fmt, url=url,
                                           date=headers.get("warc-date"))
                 if document:
                     yield document
+
+
+def report_problem(problems_dir: Path | None, path: str, position: str, reason: str, detail: str = "") -> None:
+    """A dropped input, named: a warning in the task's log and, with problems_dir, a JSON line in
+    problems_dir/<pid>.jsonl for the pipeline to gather (workers are separate processes)."""
+    logger.warning(f"{path}: {position}: {reason}" + (f" ({detail})" if detail else ""))
+    if problems_dir is not None:
+        problems_dir.mkdir(parents=True, exist_ok=True)
+        with open(problems_dir / f"{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps({"file": path, "position": position, "reason": reason, "detail": detail[:200]}) + "\n")
 
 
 class TextFileReader(InputReader):
