@@ -84,3 +84,18 @@ def test_files_are_typed_by_suffix_and_empty_or_non_utf8_ones_counted(tmp_path):
     assert {d["id"]: d["metadata"]["format"] for d in docs} == {"a.py": "code", "d.html": "html"}
     files = stats["📄 text files"]
     assert files["documents_in"] == 4 and files["dropped_empty"] == 1 and files["dropped_invalid_utf8"] == 1
+
+
+def test_warc_records_skip_garbage_and_report_a_cut_record():
+    import io
+
+    from lmforge.dataprep.readers import warc_records
+
+    def record(uri: str, block: bytes, length: str | None = None) -> bytes:
+        return (f"WARC/1.1\r\nWARC-Type: conversion\r\nWARC-Target-URI: {uri}\r\n"
+                f"Content-Length: {length or len(block)}\r\n\r\n").encode() + block + b"\r\n\r\n"
+    stream = (record("a", b"first") + b"garbage\r\nmore garbage\r\n" + record("b", b"second")
+              + record("c", b"bad length", length="ten") + record("d", b"fourth") + record("e", b"cut short")[:-8])
+    got = [(r.headers.get("warc-target-uri"), r.block, r.problem) for r in warc_records(io.BytesIO(stream))]
+    assert got == [("a", b"first", None), (None, b"", "malformed_warc"), ("b", b"second", None),
+                   ("c", b"", "malformed_warc"), ("d", b"fourth", None), ("e", b"cut s", "truncated")]

@@ -63,8 +63,10 @@ def decode_html(raw: bytes, step, charset: str = "utf-8") -> str:
         return raw.decode(charset)
     except (UnicodeDecodeError, LookupError):
         step.stat_update("decoded_fallback")
-        return raw.decode("cp1252", errors="ignore") if all(b not in raw for b in b"\x81\x8d\x8f\x90\x9d") \
-            else raw.decode("latin-1")
+    try:
+        return raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 class WarcRecord(NamedTuple):
@@ -80,36 +82,50 @@ def warc_records(stream: BinaryIO) -> Iterator[WarcRecord]:
     once (problem "malformed_warc") and skipped up to the next "WARC/" line; a stream that ends inside a
     record, or a gzip stream cut short, ends with one record whose problem is "truncated"."""
     offset = 0
-    try:
-        while True:
+
+    def skip_to_next_header() -> bytes:
+        nonlocal offset
+        line = b""
+        while not line.startswith(b"WARC/"):
             line = stream.readline()
             if not line:
-                return
-            start, offset = offset, offset + len(line)
-            if not line.strip():
-                continue  # the blank lines that end the previous record
-            if not line.startswith(b"WARC/"):
-                while line and not line.startswith(b"WARC/"):  # resynchronise on the next record header
-                    line = stream.readline()
-                    offset += len(line)
-                yield WarcRecord(start, {}, b"", "malformed_warc")
-                if not line:
-                    return
-                start = offset - len(line)
-            headers = {}
-            for line in iter(stream.readline, b""):
+                return b""
+            offset += len(line)
+        return line
+
+    try:
+        line = stream.readline()
+        offset += len(line)
+        while line:
+            start = offset - len(line)
+            if not line.strip():  # the blank lines that end the previous record
+                line = stream.readline()
                 offset += len(line)
-                if not line.strip():
+                continue
+            if not line.startswith(b"WARC/"):
+                yield WarcRecord(start, {}, b"", "malformed_warc")
+                line = skip_to_next_header()
+                continue
+            headers = {}
+            for header in iter(stream.readline, b""):
+                offset += len(header)
+                if not header.strip():
                     break
-                key, _, value = line.decode("utf-8", "replace").partition(":")
+                key, _, value = header.decode("utf-8", "replace").partition(":")
                 headers[key.strip().lower()] = value.strip()
-            length = int(headers.get("content-length", "0") or 0)
-            block = stream.read(length)
+            length = headers.get("content-length", "0")
+            if not length.isdigit():
+                yield WarcRecord(start, headers, b"", "malformed_warc")
+                line = skip_to_next_header()
+                continue
+            block = stream.read(int(length))
             offset += len(block)
-            if len(block) < length:
+            if len(block) < int(length):
                 yield WarcRecord(start, headers, block, "truncated")
                 return
             yield WarcRecord(start, headers, block)
+            line = stream.readline()
+            offset += len(line)
     except (EOFError, zlib.error, gzip.BadGzipFile):  # a gzip stream cut short or damaged
         yield WarcRecord(offset, {}, b"", "truncated")
 
@@ -256,9 +272,10 @@ class InputReader(BaseDiskReader):
             for index, record in enumerate(warc_records(stream)):
                 headers, where = record.headers, f"record {index} (byte {record.offset:,} uncompressed)"
                 kind = headers.get("warc-type", "unknown")
-                if record.problem:
+                if record.problem or len(record.block) > self.max_document_bytes:
                     self.stat_update("documents_in")
-                    self.drop(filepath, where, record.problem)
+                    self.drop(filepath, where, record.problem or "too_large",
+                              "" if record.problem else f"{len(record.block):,} bytes")
                     continue
                 url = headers.get("warc-target-uri", f"{filepath}#{index}")
                 if kind == "conversion":
