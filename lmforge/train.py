@@ -152,7 +152,9 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ddp.world_size
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    peak_flops = matmul_flops_per_s(device) * ddp.world_size  # MFU denominator, measured here
+    # MFU denominator, measured here in the dtype the matmuls run in: bf16 matmuls on a CPU with AMX or
+    # AVX-512 BF16 run ~4x fp32's rate, and an fp32 peak would report over 100%
+    peak_flops = matmul_flops_per_s(device, dtype) * ddp.world_size
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(True) / 1e6:.2f}M "
            f"without embeddings), {flops_per_token / 1e6:.1f} MFLOP/token; {ddp.world_size} process(es) on "
            f"{device.type}, {str(dtype).removeprefix('torch.')}, {tokens_per_step:,} tokens/step; "
