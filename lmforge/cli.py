@@ -198,7 +198,7 @@ def _add_preference_args(sub) -> None:
                                               "string or a message list.")
         _add_model_source(p)
         if name == "dpo":
-            source = p.add_mutually_exclusive_group(required=True)
+            source = p.add_mutually_exclusive_group()
             source.add_argument("--data", help="preference JSONL")
             source.add_argument("--from-feedback", nargs="?", const="", metavar="DB_URL",
                                 help="pairs from the server's stored feedback in this database (default: --db, "
@@ -208,8 +208,9 @@ def _add_preference_args(sub) -> None:
                                                                  "written as preference JSONL, to read or reuse "
                                                                  "(default: OUT/feedback_pairs.jsonl)")
         else:
-            p.add_argument("--data", required=True, help="preference JSONL")
+            p.add_argument("--data", help="preference JSONL")
         p.add_argument("--out", required=True, help="output run folder")
+        p.add_argument("--resume", action="store_true", help="continue OUT's latest checkpoint with its settings")
         p.add_argument("--val-data", help="held-out JSONL (default: a 10%% hash slice of --data by prompt)")
         p.add_argument("--seq-len", type=int, default=None, help="longest prompt + answer kept (default: context, "
                                                                   "at most 1024); longer pairs are dropped, counted")
@@ -571,23 +572,29 @@ def cmd_sft(args) -> None:
 
 def cmd_dpo(args) -> None:
     from lmforge.checkpoint import resolve_model_folder
-    from lmforge.dpo import DPOConfig, dpo
+    from lmforge.dpo import DPOConfig, dpo, load_dpo_settings
 
-    folder, tok_path = resolve_model_folder(args.run, args.model)
-    data = args.data
-    if args.from_feedback is None:
-        if args.db or args.write_pairs:
-            raise LmforgeError("--db and --write-pairs go with --from-feedback; with --data they do nothing")
+    if args.resume:
+        folder, tok_path, cfg = load_dpo_settings(args.out)
+        cfg.fit.progress = not args.quiet
     else:
-        from lmforge.feedback import write_feedback_pairs
+        data = args.data
+        if args.from_feedback is None and not data:
+            raise LmforgeError("give --data PAIRS.jsonl or --from-feedback (or --resume an existing --out)")
+        folder, tok_path = resolve_model_folder(args.run, args.model)
+        if args.from_feedback is None:
+            if args.db or args.write_pairs:
+                raise LmforgeError("--db and --write-pairs go with --from-feedback; with --data they do nothing")
+        else:
+            from lmforge.feedback import write_feedback_pairs
 
-        if args.from_feedback and args.db and args.from_feedback != args.db:
-            raise LmforgeError(f"two databases: --from-feedback {args.from_feedback} and --db {args.db}; give one")
-        data = args.write_pairs or str(Path(args.out) / "feedback_pairs.jsonl")
-        write_feedback_pairs(args.from_feedback or args.db, data)  # then trained on exactly as --data would be
-    cfg = DPOConfig(data=data, val_data=args.val_data, beta=args.beta, seq_len=args.seq_len,
-                    on_bad_line=args.on_bad_line, device=args.device, dtype=args.dtype, fit=_fit_config(args))
-    s = dpo(folder, tok_path, cfg)
+            if args.from_feedback and args.db and args.from_feedback != args.db:
+                raise LmforgeError(f"two databases: --from-feedback {args.from_feedback} and --db {args.db}; give one")
+            data = args.write_pairs or str(Path(args.out) / "feedback_pairs.jsonl")
+            write_feedback_pairs(args.from_feedback or args.db, data)  # then trained on exactly as --data would be
+        cfg = DPOConfig(data=data, val_data=args.val_data, beta=args.beta, seq_len=args.seq_len,
+                        on_bad_line=args.on_bad_line, device=args.device, dtype=args.dtype, fit=_fit_config(args))
+    s = dpo(folder, tok_path, cfg, resume=args.resume)
     before, after = (s[k].get("val_reward_accuracy", float("nan")) for k in ("first", "final"))
     final = s["final"]
     print(f"DPO {s['steps']} steps (beta {cfg.beta}); held-out reward accuracy {before:.3f} -> {after:.3f}"
@@ -596,12 +603,18 @@ def cmd_dpo(args) -> None:
 
 def cmd_reward_model(args) -> None:
     from lmforge.checkpoint import resolve_model_folder
-    from lmforge.reward import RewardConfig, train_reward_model
+    from lmforge.reward import RewardConfig, load_reward_settings, train_reward_model
 
-    folder, tok_path = resolve_model_folder(args.run, args.model)
-    cfg = RewardConfig(data=args.data, val_data=args.val_data, seq_len=args.seq_len, on_bad_line=args.on_bad_line,
-                       device=args.device, dtype=args.dtype, fit=_fit_config(args))
-    s = train_reward_model(folder, tok_path, cfg)
+    if args.resume:
+        folder, tok_path, cfg = load_reward_settings(args.out)
+        cfg.fit.progress = not args.quiet
+    else:
+        if not args.data:
+            raise LmforgeError("give --data PAIRS.jsonl (or --resume an existing --out)")
+        folder, tok_path = resolve_model_folder(args.run, args.model)
+        cfg = RewardConfig(data=args.data, val_data=args.val_data, seq_len=args.seq_len,
+                           on_bad_line=args.on_bad_line, device=args.device, dtype=args.dtype, fit=_fit_config(args))
+    s = train_reward_model(folder, tok_path, cfg, resume=args.resume)
     print(f"reward model {s['steps']} steps; held-out accuracy {s['first'].get('val_accuracy', float('nan')):.3f} -> "
           f"{s['final'].get('val_accuracy', float('nan')):.3f}. Saved in {args.out}")
 

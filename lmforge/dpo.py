@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_model, save_model_folder
 from lmforge.common import LmforgeError, atomic_write_text, autocast, get_device, print0, resolve_dtype, seed_everything
 from lmforge.conversations import Preference, held_out, pad_token_id, read_preferences, render
-from lmforge.posttrain import FitConfig, fit, pad_rows
+from lmforge.posttrain import FitConfig, fit, load_settings, pad_rows, save_settings
 from lmforge.tokenizer import load_tokenizer
 
 
@@ -132,8 +132,18 @@ def read_pair_splits(data: str, val_data: str | None, val_fraction: float,
     return pairs, val_pairs, dict(report.skipped)
 
 
-def dpo(folder: Path, tokenizer_path: Path, cfg: DPOConfig) -> dict:
-    """Train the model in `folder` with DPO; write cfg.fit.out_dir/model and dpo.json."""
+SETTINGS_FILE = "dpo_settings.json"  # what --resume restores
+
+
+def load_dpo_settings(out_dir: str | Path) -> tuple[Path, Path, DPOConfig]:
+    """(starting model folder, tokenizer file, settings) a DPO run was started with, for --resume."""
+    return load_settings(out_dir, SETTINGS_FILE, "a DPO run folder", DPOConfig)
+
+
+def dpo(folder: Path, tokenizer_path: Path, cfg: DPOConfig, *, resume: bool = False) -> dict:
+    """Train the model in `folder` with DPO; write cfg.fit.out_dir/model and dpo.json. resume continues
+    cfg.fit.out_dir's latest checkpoint (the reference log-likelihoods are computed again, from the
+    same starting model, so they are the same)."""
     if cfg.beta <= 0:
         raise LmforgeError(f"--beta {cfg.beta}: must be positive (0.1 is the usual choice)")
     seed_everything(cfg.fit.seed)
@@ -164,8 +174,10 @@ def dpo(folder: Path, tokenizer_path: Path, cfg: DPOConfig) -> dict:
         chosen, rejected = both_logps(model, batch)
         return dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], cfg.beta)
 
-    summary = fit(policy, train, val, loss_fn, cfg.fit, device=device, dtype=dtype, stage="dpo")
     out = Path(cfg.fit.out_dir)
+    if not resume:
+        save_settings(out, SETTINGS_FILE, folder, tokenizer_path, cfg)
+    summary = fit(policy, train, val, loss_fn, cfg.fit, device=device, dtype=dtype, resume=resume, stage="dpo")
     summary.update(counts=counts, beta=cfg.beta, base=str(folder), config=asdict(cfg))
     save_model_folder(out / "model", policy, tokenizer, extra={"dpo": {k: summary[k] for k in ("steps", "final")}})
     atomic_write_text(out / "dpo.json", json.dumps(summary, indent=2))

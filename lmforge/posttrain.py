@@ -135,6 +135,13 @@ def read_settings(out_dir: str | Path, file: str, what: str) -> tuple[Path, Path
     return Path(saved["base"]), Path(saved["tokenizer"]), saved["config"]
 
 
+def load_settings(out_dir: str | Path, file: str, what: str, config_class):
+    """(model folder, tokenizer file, config) for a stage whose config is a dataclass with a `fit` field
+    and nothing else nested (dpo, reward-model)."""
+    base, tokenizer_path, config = read_settings(out_dir, file, what)
+    return base, tokenizer_path, config_class(**{**config, "fit": FitConfig(**config["fit"])})
+
+
 def rewind_metrics(path: Path, step: int) -> None:
     """On resume, drop the metrics a killed run logged after its last checkpoint (they are logged again)."""
     lines = path.read_text().splitlines() if path.exists() else []

@@ -31,7 +31,7 @@ from lmforge.checkpoint import load_model, save_model_folder
 from lmforge.common import LmforgeError, atomic_write_text, get_device, resolve_dtype, seed_everything
 from lmforge.conversations import pad_token_id
 from lmforge.dpo import pair_tensors, read_pair_splits
-from lmforge.posttrain import FitConfig, fit
+from lmforge.posttrain import FitConfig, fit, load_settings, save_settings
 from lmforge.tokenizer import load_tokenizer
 
 HEAD_FILE = "reward_head.safetensors"
@@ -100,7 +100,16 @@ class RewardConfig:
     fit: FitConfig = field(default_factory=lambda: FitConfig(out_dir="runs/rm", lr=1e-4, epochs=1.0))
 
 
-def train_reward_model(folder: Path, tokenizer_path: Path, cfg: RewardConfig) -> dict:
+SETTINGS_FILE = "reward_settings.json"  # what --resume restores
+
+
+def load_reward_settings(out_dir: str | Path) -> tuple[Path, Path, RewardConfig]:
+    """(starting model folder, tokenizer file, settings) a reward-model run was started with, for --resume."""
+    return load_settings(out_dir, SETTINGS_FILE, "a reward-model run folder", RewardConfig)
+
+
+def train_reward_model(folder: Path, tokenizer_path: Path, cfg: RewardConfig, *, resume: bool = False) -> dict:
+    """Train a reward model from the model in `folder`; resume continues cfg.fit.out_dir's latest checkpoint."""
     seed_everything(cfg.fit.seed)
     device = get_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -117,8 +126,10 @@ def train_reward_model(folder: Path, tokenizer_path: Path, cfg: RewardConfig) ->
     train, val = with_last_token(train, pad), (with_last_token(val, pad) if val else None)
     model = RewardModel(body).to(device)
     torch.nn.init.normal_(model.score.weight, std=1 / (body.config.hidden_size + 1) ** 0.5)
-    summary = fit(model, train, val, reward_loss, cfg.fit, device=device, dtype=dtype, stage="reward")
     out = Path(cfg.fit.out_dir)
+    if not resume:
+        save_settings(out, SETTINGS_FILE, folder, tokenizer_path, cfg)
+    summary = fit(model, train, val, reward_loss, cfg.fit, device=device, dtype=dtype, resume=resume, stage="reward")
     save_model_folder(out / "model", body, tokenizer)
     save_file({"score.weight": model.score.weight.detach().cpu().contiguous()}, out / HEAD_FILE)
     summary.update(counts=counts, base=str(folder), config=asdict(cfg))

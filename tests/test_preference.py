@@ -1,8 +1,11 @@
 """DPO and the reward model: the loss formulas on hand-computed numbers, answer-only log-likelihoods,
-the frozen reference, and both raising held-out preference accuracy on a learnable preference."""
+the frozen reference, both raising held-out preference accuracy on a learnable preference, and both
+resuming exactly."""
 
 import hashlib
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -11,12 +14,13 @@ from test_sft import base_model, reversal_chats, tokenizer, write_jsonl  # noqa:
 
 from lmforge.checkpoint import load_model
 from lmforge.conversations import Preference, read_preferences
-from lmforge.dpo import DPOConfig, dpo, dpo_loss, pair_tensors, sequence_logps
+from lmforge.dpo import DPOConfig, dpo, dpo_loss, load_dpo_settings, pair_tensors, sequence_logps
 from lmforge.posttrain import FitConfig
 from lmforge.reward import (
     RewardConfig,
     bradley_terry_loss,
     load_reward_model,
+    load_reward_settings,
     reward_loss,
     train_reward_model,
     with_last_token,
@@ -98,3 +102,30 @@ def test_reward_model_learns_the_preference(tmp_path, tokenizer, base_model):  #
     with torch.no_grad():
         _, figures = reward_loss(model, batch)
     assert figures["accuracy"].item() >= 0.75
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward-model"])
+def test_a_killed_run_resumed_matches_an_uninterrupted_one(tmp_path, base_model, stage):  # noqa: F811
+    data = preference_file(tmp_path / "prefs.jsonl", n=80)
+    train, config_class, load = {"dpo": (dpo, DPOConfig, load_dpo_settings),
+                                 "reward-model": (train_reward_model, RewardConfig, load_reward_settings)}[stage]
+
+    def config(out):
+        return config_class(data=str(data), val_fraction=0.25, device="cpu", dtype="fp32",
+                            fit=_fit(out, lr=3e-3, max_steps=10, ckpt_every=5))  # checkpoints on log steps
+    train(base_model, base_model / "tokenizer.json", config(tmp_path / "whole"))
+    part = tmp_path / "part"
+    train(base_model, base_model / "tokenizer.json", config(part))
+    shutil.rmtree(part / "checkpoints" / "step_000010")  # as if killed after step 5
+    shutil.rmtree(part / "model")
+    (part / "checkpoints" / "latest").write_text("step_000005")
+    folder, tok, cfg = load(part)
+    assert folder == base_model and cfg.fit.max_steps == 10 and cfg == config(part)
+    train(folder, tok, cfg, resume=True)
+
+    a, b = (load_model(run / "model") for run in (tmp_path / "whole", part))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert losses(part) == losses(tmp_path / "whole") and len(losses(part)) >= 2
