@@ -1,4 +1,4 @@
-"""What every module needs and none of torch: the user-error exception and atomic file writes.
+"""What every module needs and none of torch: the user-error exception, atomic file writes and file hashes.
 
 Kept apart from common.py (device and precision policy, which imports torch) so that the data
 pipeline's worker processes, which import only this, start in a fraction of a second instead of
@@ -8,6 +8,7 @@ the ~1.2 s a torch import costs them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +40,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

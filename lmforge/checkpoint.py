@@ -22,7 +22,6 @@ leaves the previous checkpoint intact; `checkpoints/latest` names the newest com
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.base import sha256_file
 from lmforge.common import LmforgeError, atomic_write_text
 from lmforge.model import ModelConfig, Transformer
 from lmforge.weights import iter_tensors, read_header
@@ -51,14 +51,6 @@ def unwrap(model: torch.nn.Module) -> Transformer:
     return model
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_folder(final: Path, write) -> Path:
     """Call write(tmp_folder), add a manifest, then swap the folder into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +58,7 @@ def _write_folder(final: Path, write) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
-    manifest = {"files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
+    manifest = {"files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     if final.exists():
         old = final.with_name(f".{final.name}.old")
@@ -99,7 +91,7 @@ def verify_manifest(folder: Path, skip: tuple[str, ...] = ()) -> None:
         f = folder / name
         if not f.exists():
             raise LmforgeError(f"{folder}: {name} is listed in manifest.json but missing; the copy is incomplete")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise LmforgeError(f"{f}: sha256 does not match manifest.json; the file is corrupt or was changed. "
                                "Copy it again from its source")
 

@@ -53,7 +53,7 @@ from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, Minhash
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers import JsonlWriter
 
-from lmforge.base import LmforgeError
+from lmforge.base import LmforgeError, sha256_file
 from lmforge.corpus import HELDOUT_FRACTION, is_heldout
 
 try:
@@ -485,14 +485,6 @@ def account(steps: list[dict]) -> dict:
     return {**{k: dict(v) if isinstance(v, Counter) else v for k, v in counts.items()}, "stages": stages}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def train_tokenizer_on(kept_dir: Path, tasks: int, config: PrepareConfig, progress: bool):
     """BPE on the kept training documents. With tokenizer_max_bytes, a hash-chosen sample of about that
     many bytes: chosen by id, not by reading order, so it is the same for any number of tasks."""
@@ -502,8 +494,10 @@ def train_tokenizer_on(kept_dir: Path, tasks: int, config: PrepareConfig, progre
         for rank in range(tasks):
             yield from TaskReader(kept_dir).run(rank=rank)
 
-    total = sum(len(d.text) for d in documents() if d.metadata["split"] == "train")
-    keep = min(1.0, config.tokenizer_max_bytes / total) if config.tokenizer_max_bytes else 1.0
+    keep = 1.0
+    if config.tokenizer_max_bytes:  # a first pass only to size the sample
+        total = sum(len(d.text) for d in documents() if d.metadata["split"] == "train")
+        keep = min(1.0, config.tokenizer_max_bytes / total)
 
     def texts():
         for doc in documents():
@@ -570,6 +564,7 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
               task_writer(work / "filtered")]
     if config.near_dedup:
         stage1.append(MinhashDedupSignature(str(work / "signatures"), config=minhash, language=Words()))
+
     def run_stage(name: str, pipeline: list, num_tasks: int = tasks) -> list[dict]:
         return _run(pipeline, tasks=num_tasks, workers=workers, logging_dir=work / "logs" / name,
                     executor=config.executor)
@@ -584,9 +579,9 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
               file=sys.stderr)
     seconds["read + filter"] = time.perf_counter() - t0
 
-    say("[2/5] duplicates: " + ", ".join(k for k, on in (("exact", config.exact_dedup), (
-        f"near (MinHash {config.minhash_ngrams}-grams, {config.minhash_bands} x {config.minhash_rows})",
-        config.near_dedup)) if on) if config.exact_dedup or config.near_dedup else "[2/5] duplicates: off")
+    kinds = [name for name, on in (("exact", config.exact_dedup), (f"near (MinHash {config.minhash_ngrams}-grams, "
+             f"{config.minhash_bands} x {config.minhash_rows})", config.near_dedup)) if on]
+    say("[2/5] duplicates: " + (", ".join(kinds) or "off"))
     t0 = time.perf_counter()
     if config.near_dedup and any((work / "signatures").rglob("*.sig")):
         run_stage("buckets", [MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=minhash)],
@@ -646,13 +641,13 @@ def prepare(config: PrepareConfig, *, progress: bool = True) -> dict:
         "created": datetime.now().isoformat(timespec="seconds"), "lmforge_version": __version__,
         "inputs": inputs, "config": asdict(config),
         "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.vocab_size, "trained": not config.tokenizer,
-                      "sha256": _sha256(out / "tokenizer.json")},
+                      "sha256": sha256_file(out / "tokenizer.json")},
         "counts": {"documents_in": counts["documents_in"], "kept": kept,
                    "kept_by_split": {s: v["num_documents"] for s, v in splits.items()},
                    "dropped": counts["dropped"], "skipped": counts["skipped"], "modified": counts["modified"],
                    "duplicate_clusters": len(set(survivor_of.values()))},
         "problems": problems, "stages": counts["stages"], "splits": splits,
-        "files": {name: _sha256(out / name) for name in files},
+        "files": {name: sha256_file(out / name) for name in files},
         "seconds": time.perf_counter() - t_start, "stage_seconds": seconds, "tasks": tasks, "workers": workers,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
