@@ -20,7 +20,7 @@ def one_line_error(capsys, argv, match: str) -> str:
 
 
 def test_tiny_pipeline_end_to_end(tmp_path, capsys):
-    assert main(["run", "--tiny", "--minutes", "0.75", "--runs-dir", str(tmp_path), "--name", "t", "--quiet"]) == 0
+    assert main(["run", "--tiny", "--runs-dir", str(tmp_path), "--name", "t", "--quiet"]) == 0
     run = tmp_path / "t"
     for name in ("tokenizer.json", "metrics.jsonl", "samples.md", "eval.json", "loss.png", "report.md",
                  "model/model.safetensors", "model/tokenizer.json", "model/manifest.json", "checkpoints/latest",
