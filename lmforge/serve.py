@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -99,6 +100,7 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(default=1.0, gt=0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # false: special tokens appear in the text too
 
 
 class CompletionRequest(_Sampling):
@@ -550,7 +552,7 @@ def _sampling(body: _Sampling, served: Served, *, max_tokens: int | None, logpro
         min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, seed=body.seed, stop=stop,
         stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, n=body.n, logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs)
+        prompt_logprobs=prompt_logprobs, skip_special_tokens=body.skip_special_tokens)
     try:
         params.validate(served.tokenizer.vocab_size)
     except LmforgeError as e:
@@ -614,12 +616,15 @@ async def _respond(served, request, who, body, prompts, params, request_id, shap
                 if body.store:
                     await keep(who, shaper)
                 yield "data: [DONE]\n\n"
-                await account(who, request_id, usage)
                 metrics.requests.labels(shaper.route).inc()
             except APIError as e:
                 yield f"data: {json.dumps(error_body(e.message, e.type, e.param, e.code))}\n\n"
             finally:
-                await stream.aclose()  # a client that went away aborts its generation here
+                # A client that went away lands here with this task cancelled: shielded, its generation
+                # is still aborted (aclose) and the tokens made for it still reach the ledger, once.
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                    await account(who, request_id, shaper.usage())
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
@@ -631,11 +636,13 @@ async def _respond(served, request, who, body, prompts, params, request_id, shap
                 metrics.ttft.observe(time.perf_counter() - started)
             shaper.add(p, out)
             if shaper.num_outputs % 16 == 0 and await request.is_disconnected():
-                return Response(status_code=499)  # nobody is listening: stop generating (nginx's 499)
+                break  # nobody is listening: stop generating
     finally:
         await stream.aclose()  # aborts the generation if it has not finished
     usage = shaper.usage()
-    await account(who, request_id, usage)
+    await account(who, request_id, usage)  # what was generated is billed, answered or not
+    if not shaper.finished:
+        return Response(status_code=499)  # nginx's "client closed request"
     if body.store:
         await keep(who, shaper)
     metrics.requests.labels(shaper.route).inc()
@@ -652,14 +659,17 @@ class _Shaper:
     """Accumulates a request's outputs per choice and writes OpenAI's JSON."""
     route = ""
 
-    def __init__(self, served: Served, body, request_id: str):
+    def __init__(self, served: Served, body, request_id: str, num_prompts: int = 1):
         self.served, self.body, self.request_id = served, body, request_id
+        self.num_choices = num_prompts * body.n
         self.created = int(time.time())
         self.choices: dict[int, dict] = {}
-        self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.cached_tokens = 0
         self.num_outputs = 0
         self._counted: set[int] = set()
         self._texts: dict[int, str] = {}  # choice index -> generated text so far, streamed or gathered
+        self._generated: dict[int, int] = {}  # choice index -> completion tokens so far
+        self._finished: set[int] = set()
 
     def _choice_index(self, p: int, out) -> int:
         return p * self.body.n + out.index
@@ -669,8 +679,9 @@ class _Shaper:
         self.num_outputs += 1
         i = self._choice_index(p, out)
         self._texts[i] = self._texts.get(i, "") + out.text
+        self._generated[i] = out.num_output_tokens  # a running total: a cut-short choice counts what it made
         if out.finished:
-            self.completion_tokens += out.num_output_tokens
+            self._finished.add(i)
         if p not in self._counted:  # the prompt counts once, whatever n is
             self._counted.add(p)
             self.prompt_tokens += out.num_prompt_tokens
@@ -680,9 +691,15 @@ class _Shaper:
         """The generated text of every choice, by index; a completion's echoed prompt is not part of it."""
         return [self._texts[i] for i in sorted(self._texts)]
 
+    @property
+    def finished(self) -> bool:
+        """Every choice of every prompt ran to its end (not cut short by a client that left)."""
+        return len(self._finished) == self.num_choices
+
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
+        completion_tokens = sum(self._generated.values())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def usage_chunk(self, usage: dict) -> dict:
@@ -694,7 +711,7 @@ class _CompletionShaper(_Shaper):
     route, chunk_object = "completions", "text_completion"
 
     def __init__(self, served, body, prompts, request_id):
-        super().__init__(served, body, request_id)
+        super().__init__(served, body, request_id, len(prompts))
         self.prompts = prompts
 
     def stored_prompt(self) -> dict:

@@ -303,9 +303,16 @@ async def _stream(port: int, key: str, prompt: str, max_tokens: int, hang_up_aft
     return events
 
 
+def _ledger(live, key) -> dict:
+    key_id = parse_key(key)[0]
+    rows = live.served.keys.usage("key")
+    return next((r for r in rows if r["key_id"] == key_id), {"requests": 0, "completion_tokens": 0})
+
+
 def test_load_with_disconnects_loses_nothing_and_leaks_no_blocks(live, key):
     engine = live.served.engine.workers[0]
     start_free = engine.llm.num_free_blocks
+    before = _ledger(live, key)
 
     async def run_all():
         return await asyncio.gather(*(_stream(live.port, key, f"def f{i}(", 24, 3 if i % 4 == 0 else None)
@@ -324,6 +331,33 @@ def test_load_with_disconnects_loses_nothing_and_leaks_no_blocks(live, key):
         time.sleep(0.05)
     assert engine.num_pending == 0 and not engine.llm.has_unfinished()
     assert engine.llm.num_free_blocks == start_free
+    # Every request is in the ledger once, the 16 that hung up with the tokens made before they left.
+    for _ in range(100):
+        after = _ledger(live, key)
+        if after["requests"] - before["requests"] == 64:
+            break
+        time.sleep(0.05)
+    assert after["requests"] - before["requests"] == 64
+    cut_short_tokens = after["completion_tokens"] - before["completion_tokens"] - 48 * 24
+    assert 16 * 3 <= cut_short_tokens <= 16 * 24
+
+
+def test_a_client_that_leaves_a_non_streaming_request_is_still_billed(live, key):
+    before = _ledger(live, key)
+    payload = json.dumps({"model": "tiny", "prompt": "def g(", "max_tokens": CONTEXT - 8, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", live.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAuthorization: "
+                  b"Bearer %s\r\nContent-Length: %d\r\n\r\n" % (key.encode(), len(payload)) + payload)
+        time.sleep(0.05)  # it is generating (about a token a millisecond here): leave
+    for _ in range(200):
+        after = _ledger(live, key)
+        if after["requests"] > before["requests"]:
+            break
+        time.sleep(0.05)
+    assert after["requests"] == before["requests"] + 1
+    assert 0 < after["completion_tokens"] - before["completion_tokens"] < CONTEXT - 8  # stopped early, billed
+    engine = live.served.engine.workers[0]
+    assert engine.num_pending == 0 and not engine.llm.has_unfinished()
 
 
 def test_engine_stream_equals_batch_generate(model, tokenizer):
