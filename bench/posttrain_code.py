@@ -66,7 +66,7 @@ def preference_pairs(folder: Path, tokenizer, tasks: list, *, samples: int, seed
     prompts = [tokenizer.encode_with_special(render_template(template, [{"role": "user", "content": t.prompt}],
                                                              tokenizer)) for t in tasks]
     params = [SamplingParams(max_tokens=512, temperature=1.0, n=samples, seed=seed + 100 * i, stop_token_ids=[end],
-                             ignore_eos=True) for i in range(len(tasks))]
+                             ignore_eos=True, skip_special_tokens=False) for i in range(len(tasks))]
     groups = llm.generate(prompts, params)
     flat = [(task, c.text, c.finish_reason == "stop") for task, group in zip(tasks, groups) for c in group]
     results = check_many([f[0] for f in flat], [f[1] for f in flat])

@@ -168,9 +168,11 @@ class TextStream:
     stop string appears, the output ends just before it and `stopped` becomes True.
     """
 
-    def __init__(self, tokenizer, stop: Iterable[str] = ()):
+    def __init__(self, tokenizer, stop: Iterable[str] = (), skip_ids: Iterable[int] = ()):
+        """skip_ids: tokens that add no text (a server's skip_special_tokens)."""
         self.tokenizer = tokenizer
         self.stop = list(stop)
+        self.skip_ids = frozenset(skip_ids)
         if any(s == "" for s in self.stop):
             raise LmforgeError("--stop '': an empty stop string would end generation at once; remove it")
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -179,7 +181,7 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that became printable ('' if none)."""
-        if self.stopped:
+        if self.stopped or token_id in self.skip_ids:
             return ""
         self._pending += self._decoder.decode(self.tokenizer.id_to_bytes(token_id))
         return self._release(final=False)

@@ -220,13 +220,15 @@ def turn_end_id(tokenizer) -> int:
 def rollout(llm, tokenizer, items: list[Item], *, n: int, max_tokens: int, temperature: float, top_p: float,
             seed: int, **sampling) -> tuple[list[list[int]], list[list[list[int]]], list[list[bool]], list[list[str]]]:
     """Prompt ids, and per prompt n answers' token ids (with the end-of-turn token when they ended
-    it), whether they ended, and their text. `sampling`: more SamplingParams fields (penalties)."""
+    it), whether they ended, and their text, stray special tokens included (graded as written).
+    `sampling`: more SamplingParams fields (penalties)."""
     from lmforge.engine import SamplingParams
 
     template, end = chat_template(tokenizer), turn_end_id(tokenizer)
     prompts = [tokenizer.encode_with_special(render_template(template, it.messages, tokenizer)) for it in items]
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed + 1000 * i,
-                             stop_token_ids=[end], ignore_eos=True, **sampling) for i in range(len(items))]
+                             stop_token_ids=[end], ignore_eos=True, skip_special_tokens=False, **sampling)
+              for i in range(len(items))]
     results = llm.generate(prompts, params)
     ids = [[c.token_ids + ([end] if c.finish_reason == "stop" else []) for c in group] for group in results]
     ended = [[c.finish_reason == "stop" for c in group] for group in results]

@@ -481,14 +481,15 @@ def test_stop_string_cuts_the_text_before_it(tokenizer):
     model = llama(vocab_size=tokenizer.vocab_size, seed=24)
     llm = LLM(model, tokenizer)
     prompt = tokenizer.encode("def fib(n):")
-    free = llm.generate([prompt], greedy(40, ignore_eos=True))[0][0]
+    shown = dict(ignore_eos=True, skip_special_tokens=False)  # this random model writes chat markers too
+    free = llm.generate([prompt], greedy(40, **shown))[0][0]
     assert free.finish_reason == "length"
     assert free.text == tokenizer.decode(free.token_ids)  # streamed pieces add up to the whole text
     # A stop string from the middle of that text: two printable characters.
     start = next(i for i in range(len(free.text) // 3, len(free.text) - 2)
                  if free.text[i:i + 2].isprintable() and "\ufffd" not in free.text[i:i + 2])
     stop = free.text[start:start + 2]
-    out = llm.generate([prompt], greedy(40, ignore_eos=True, stop=[stop]))[0][0]
+    out = llm.generate([prompt], greedy(40, stop=[stop], **shown))[0][0]
     assert out.finish_reason == "stop"
     assert out.text == free.text[:free.text.find(stop)]
     assert free.token_ids[:len(out.token_ids)] == out.token_ids
@@ -507,6 +508,22 @@ def test_eos_ends_the_output_unless_ignore_eos(tokenizer):
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) <= 8
     assert stopped.token_ids == reference(model, prompt, 20, stop_ids=specials)
     assert kept.token_ids == reference(model, prompt, 20) and tokenizer.eos_id in kept.token_ids
+
+
+def test_special_tokens_count_but_add_no_text_unless_asked(tokenizer):
+    model = llama(vocab_size=tokenizer.vocab_size, seed=25)
+    prompt = tokenizer.encode("def fib(n):")
+    free = reference(model, prompt, 20)
+    marker = tokenizer.special_token_id("<|user_start|>")
+    with torch.no_grad():  # make a chat marker the favourite wherever free[5] was
+        model.lm_head.weight[marker] = 1.5 * model.lm_head.weight[free[5]]
+    llm = LLM(model, tokenizer)
+    skipped = llm.generate([prompt], greedy(20, ignore_eos=True))[0][0]
+    shown = llm.generate([prompt], greedy(20, ignore_eos=True, skip_special_tokens=False))[0][0]
+    assert skipped.token_ids == shown.token_ids and marker in shown.token_ids  # the same tokens, counted alike
+    assert "<|user_start|>" in shown.text and shown.text == tokenizer.decode(shown.token_ids)
+    assert "<|" not in skipped.text
+    assert skipped.text == tokenizer.decode([t for t in skipped.token_ids if t not in tokenizer.special_ids.values()])
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -90,6 +90,7 @@ class LLM:
         self.runner = ModelRunner(self.model, num_blocks, block_size, device, dtype)
         self.stop_ids = {i for i in (getattr(tokenizer, "eos_id", None), getattr(tokenizer, "bos_id", None))
                          if i is not None}
+        self.special_ids = frozenset(getattr(tokenizer, "special_ids", {}).values())
         self._rng = torch.Generator(device=device)
         self._rng.manual_seed(seed if seed is not None else torch.seed())
         self._requests: dict[str, list[Sequence]] = {}
@@ -130,7 +131,8 @@ class LLM:
                 generator.manual_seed(int(torch.randint(2**62, (1,), generator=self._rng)))
             seq = Sequence(prompt_ids, params, request_id=request_id, index=i, salt=salt, generator=generator)
             if self.tokenizer is not None:
-                self._streams[seq.seq_id] = TextStream(self.tokenizer, params.stop)
+                skip = self.special_ids if params.skip_special_tokens else ()
+                self._streams[seq.seq_id] = TextStream(self.tokenizer, params.stop, skip)
             self.scheduler.add(seq)
             seqs.append(seq)
         self._requests[request_id] = seqs

@@ -37,6 +37,7 @@ class SamplingParams:
     n: int = 1  # independent completions of the prompt
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (scoring, `echo`)
+    skip_special_tokens: bool = True  # special tokens (chat markers, ...) count but add no text (vLLM's default)
 
     def validate(self, vocab_size: int) -> None:
         """Raise LmforgeError naming the field whose value cannot work."""
