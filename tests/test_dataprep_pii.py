@@ -11,9 +11,9 @@ from lmforge.dataprep.synthetic import LOOK_ALIKES, fake_pii, look_alike, senten
 
 @pytest.mark.parametrize("text, kind", [
     ("ann.lee+news@mail.example.org", "email"),
-    ("192.168.1.20", "ip_address"),
-    ("2001:db8::8a2e:370:7334", "ip_address"),
-    ("::1", "ip_address"),
+    ("81.2.69.160", "ip_address"),
+    ("2a00:1450:4001:82b::200e", "ip_address"),
+    ("8.8.8.8", "ip_address"),
     ("(202) 555-0147", "phone"),
     ("+44 20 7946 0958", "phone"),
     ("202.555.0147", "phone"),
@@ -42,6 +42,8 @@ def test_only_the_secret_itself_goes_where_a_key_names_it():
     "1234567812345670",  # passes Luhn, but no card network starts with 12
     "2024-01-15", "978-3-16-148410-0", "12:30:45", "std::map<int, int>", "123e4567-e89b-12d3-a456-426614174000",
     "da39a3ee5e6b4b0d3255bfef95601890afd80709", "1,234,567", "mac 00:1A:2B:3C:4D:5E", "sk-short",
+    # addresses that name no one: loopback, private, unspecified, link-local, documentation
+    "127.0.0.1", "192.168.1.20", "10.0.0.7", "0.0.0.0", "::1", "fe80::1", "2001:db8::8a2e:370:7334", "192.0.2.15",
 ])
 def test_look_alikes_are_left_alone(text):
     assert find(text) == [], text

@@ -42,8 +42,8 @@ def test_the_crawl_is_deterministic_and_its_truth_holds(tmp_path):
             assert p["text"] != by_id[p["of"]]["text"] and 0.5 < p["jaccard"] < 1
     one, eight = ([p["jaccard"] for p in pages if p.get("edits") == k] for k in (1, 8))
     assert min(one) > max(eight)  # more edits, less overlap
-    for p in pages:
-        if "pii" in p:  # every planted value is in the text, and redaction finds exactly those
+    for p in pages:  # (a near copy's edits may have replaced a planted value: scoring allows for that)
+        if "pii" in p and p["kind"] != "near_dup":  # every planted value is in the text; redaction finds those
             _, counts = redact(p["text"])
             assert all(v in p["text"] for _, v in p["pii"]) and counts == Counter(k for k, _ in p["pii"])
     assert json.loads((tmp_path / "a" / "truth.json").read_text()) == truth

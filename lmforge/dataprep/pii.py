@@ -1,12 +1,13 @@
 """Personal data and secrets out of training text: found, replaced by a typed placeholder, counted.
 
-    redact("mail me at ann@example.org from 10.0.0.7")
+    redact("mail me at ann@example.org from 81.2.69.160")
     -> ("mail me at <EMAIL> from <IP_ADDRESS>", Counter({"email": 1, "ip_address": 1}))
 
 What is found (a model that reads these can repeat them; BigCode's StarCoder PII pipeline and
 datatrove's PIIFormatter redact the first two, we add the rest):
   email        local@domain.tld
-  ip_address   IPv4 (each octet 0-255, no leading zeros) and IPv6 (as `ipaddress` parses it)
+  ip_address   public IPv4 (each octet 0-255, no leading zeros) and IPv6 (as `ipaddress` parses it)
+               addresses: `is_global`, as datatrove's PIIFormatter decides by default
   phone        10 to 15 digits written as a phone number: +CC with groups, (NNN) NNN-NNNN,
                NNN-NNN-NNNN / NNN.NNN.NNNN / NNN NNN NNNN
   credit_card  13 to 19 digits (optionally in groups of 4 or 4-6-5 with spaces or dashes) that pass
@@ -17,6 +18,9 @@ datatrove's PIIFormatter redact the first two, we add the rest):
                OpenAI-style sk-..., JWTs, and the token after `Authorization: Bearer`
 
 What is left alone, on purpose (look-alikes; tests/test_dataprep_pii.py plants each):
+  - addresses that name no one: loopback, private, link-local, documentation and other reserved
+    ranges (127.0.0.1, 10.0.0.7, 192.168.1.20, 0.0.0.0, ::1, 2001:db8::1). Code is full of them
+    (the stdlib alone has ~1,700), and a placeholder there breaks the code while protecting nobody.
   - version and object numbers shaped like IPs: preceded by "v"/"version"/"release"/"build"/
     "python"/... or part of a longer dotted run ("1.2.3.4.5"), and OIDs like 1.3.6.1.4.1.
   - digit runs that fail Luhn or start like no card network; dates (2024-01-15), ISBNs and
@@ -103,17 +107,19 @@ def _emails(text: str) -> list[Span]:
 
 
 def _ips(text: str) -> list[Span]:
+    """Public addresses only: a loopback, private or documentation address identifies nobody."""
     spans = []
     for m in _IPV4.finditer(text):
         if _VERSION_CONTEXT.search(text[max(0, m.start() - 24):m.start()]):
             continue
-        spans.append(m.span())
+        if ipaddress.IPv4Address(m.group()).is_global:
+            spans.append(m.span())
     for m in _IPV6.finditer(text):
         try:
-            ipaddress.IPv6Address(m.group())
+            address = ipaddress.IPv6Address(m.group())
         except ValueError:
             continue
-        if any(c.isdigit() for c in m.group()) and m.group() != "::":
+        if any(c.isdigit() for c in m.group()) and address.is_global:
             spans.append(m.span())
     return spans
 

@@ -8,6 +8,7 @@ tests and bench/ can score recall and false positives.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import string
 
@@ -47,11 +48,17 @@ def fake_pii(rng: random.Random, kind: str) -> str:
     if kind == "email":
         user = rng.choice(_WORDS) + rng.choice((".", "_", "+", "")) + rng.choice(_WORDS) + str(rng.randint(0, 99))
         return f"{user}@{rng.choice(_WORDS)}-{rng.choice(_WORDS)}.{rng.choice(_TLDS)}"
-    if kind == "ip_address":
-        if rng.random() < 0.2:
-            groups = [f"{rng.randint(0, 0xFFFF):x}" for _ in range(8)]
-            return ":".join(groups[:3]) + "::" + ":".join(groups[6:]) if rng.random() < 0.5 else ":".join(groups)
-        return ".".join(str(rng.randint(1 if i == 0 else 0, 255)) for i in range(4))
+    if kind == "ip_address":  # a public address (private and reserved ones are look-alikes)
+        while True:
+            if rng.random() < 0.2:
+                groups = [f"{rng.randint(0, 0xFFFF):x}" for _ in range(8)]
+                groups[0] = f"{rng.randint(0x2000, 0x3FFF):x}"  # global unicast, 2000::/3
+                value = (":".join(groups[:3]) + "::" + ":".join(groups[6:]) if rng.random() < 0.5
+                         else ":".join(groups))
+            else:
+                value = ".".join(str(rng.randint(1 if i == 0 else 0, 255)) for i in range(4))
+            if ipaddress.ip_address(value).is_global:
+                return value
     if kind == "phone":
         area, mid, last = rng.randint(201, 989), rng.randint(200, 999), rng.randint(0, 9999)
         forms = (f"({area}) {mid}-{last:04d}", f"{area}-{mid}-{last:04d}", f"{area}.{mid}.{last:04d}",
@@ -79,7 +86,7 @@ def fake_pii(rng: random.Random, kind: str) -> str:
     raise ValueError(f"unknown kind {kind!r}")
 
 
-LOOK_ALIKES = ("version", "invalid_card", "date", "isbn", "time", "uuid", "hash", "number", "oid")
+LOOK_ALIKES = ("version", "invalid_card", "date", "isbn", "time", "uuid", "hash", "number", "oid", "local_ip")
 
 
 def look_alike(rng: random.Random, kind: str) -> str:
@@ -105,6 +112,11 @@ def look_alike(rng: random.Random, kind: str) -> str:
         return f"{rng.randint(10**5, 10**9):,}"
     if kind == "oid":
         return "1.3.6.1.4.1." + ".".join(str(rng.randint(1, 999)) for _ in range(3))
+    if kind == "local_ip":  # an address that names no one: loopback, private, link-local, documentation
+        a, b = rng.randint(0, 255), rng.randint(1, 254)
+        return rng.choice((f"127.0.0.{b}", f"10.{a}.{a}.{b}", f"192.168.{a}.{b}", f"172.{rng.randint(16, 31)}.{a}.{b}",
+                           f"169.254.{a}.{b}", "0.0.0.0", f"192.0.2.{b}", "::1", f"fe80::{a:x}{b:02x}",
+                           f"2001:db8::{a:x}{b:02x}"))
     raise ValueError(f"unknown look-alike {kind!r}")
 
 
