@@ -153,20 +153,22 @@ def main():
     run, data, t_start = Path(args.run), Path(args.gsm8k), time.perf_counter()
     out = Path(args.out) if args.out else run / f"bench_gsm8k_{args.source}"
     out.mkdir(parents=True, exist_ok=True)
-    real = (data / "test.jsonl").is_file()
+    # GSM8K's short test questions: the held-out set of --source gsm8k, asked for the record otherwise
+    gsm8k_test = (short(read_jsonl(data / "test.jsonl"), args.max_lines)[:args.eval_questions]
+                  if (data / "test.jsonl").is_file() else None)
     if args.source == "gsm8k":
-        train, test = read_jsonl(data / "train.jsonl"), read_jsonl(data / "test.jsonl")
-        sft_rows, rl_train, held_out = train, short(train, args.max_lines), short(test, args.max_lines)
-        held_out = held_out[:args.eval_questions]
+        if gsm8k_test is None or not (data / "train.jsonl").is_file():
+            raise SystemExit(f"--source gsm8k: {data} has no train.jsonl and test.jsonl; point --gsm8k at GSM8K")
+        train = read_jsonl(data / "train.jsonl")
+        sft_rows, rl_train, held_out = train, short(train, args.max_lines), gsm8k_test
         max_tokens = 160
     else:
         sft_rows, rl_train, held_out = synthetic_problems(args.sft_problems, args.rl_questions, args.eval_questions,
                                                           args.seed)
         max_tokens = 64
+        if gsm8k_test is not None:
+            write_jsonl(gsm8k_test, out / "gsm8k_short_test.jsonl")
     write_jsonl([{"prompt": r["question"], "completion": r["answer"]} for r in sft_rows], out / "sft_train.jsonl")
-    if real:  # GSM8K's short test questions, asked of the SFT model and the RL model alike
-        write_jsonl(short(read_jsonl(data / "test.jsonl"), args.max_lines)[:args.eval_questions],
-                    out / "gsm8k_short_test.jsonl")
 
     fit = FitConfig(out_dir=str(out / "sft"), epochs=args.sft_epochs, batch_size=16, lr=1e-3, warmup_steps=10,
                     eval_every=10**9, ckpt_every=10**9, seed=args.seed)
@@ -193,7 +195,7 @@ def main():
               "held_out_by_step": [(r["step"], r["val_solved"]) for r in records if "val_solved" in r],
               "ci95_before": wilson_interval(round(first["solved"] * n), n),
               "ci95_after": wilson_interval(round(final["solved"] * n), n)}
-    if real and args.source == "synthetic":
+    if gsm8k_test is not None and args.source == "synthetic":
         questions = out / "gsm8k_short_test.jsonl"
         result["gsm8k_short_test"] = {"sft": accuracy(out / "sft" / "model", run / "tokenizer.json", questions, 160),
                                       "rl": accuracy(out / "rl" / "model", run / "tokenizer.json", questions, 160)}
