@@ -269,7 +269,8 @@ def _add_serve_args(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
-    p.add_argument("--workers", type=int, default=1, help="engine workers behind the router (one per GPU)")
+    p.add_argument("--workers", type=int, default=1, help="engine workers behind the router, each in its own "
+                                                         "process (one per GPU, or per spare CPU core)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="compute precision")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per worker")
@@ -282,6 +283,9 @@ def _add_serve_args(sub) -> None:
     p.add_argument("--redis", default=None, help="redis://host:port/db for rate limits shared by replicas "
                                                  "(default: per process)")
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (local experiments only)")
+    p.add_argument("--engine-in-thread", action="store_true",
+                   help="run the workers' step loops in threads of the server process (for debugging; slower: "
+                        "they share one interpreter lock with the HTTP side)")
 
 
 def _add_export_args(sub) -> None:
@@ -526,7 +530,7 @@ def cmd_generate(args) -> None:
     stop_ids = {i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None}  # imported ones may lack either
     ids = generate(model, tokenizer.encode(prompt), max_tokens=args.max_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop_ids,
-                   device=device, dtype=resolve_dtype("auto", device), num_tokens=tokenizer.vocab_size)
+                   device=device, dtype=resolve_dtype("auto", device, decoding=True), num_tokens=tokenizer.vocab_size)
     sys.stdout.write(prompt)
     for piece in stream_text(tokenizer, ids, stop=args.stop):
         sys.stdout.write(piece)
@@ -544,7 +548,7 @@ def cmd_chat(args) -> None:
     device = get_device(args.device)
     chat_loop(load_model(folder, device), load_tokenizer(tok_path), system=args.system, max_tokens=args.max_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=device,
-              dtype=resolve_dtype("auto", device))
+              dtype=resolve_dtype("auto", device, decoding=True))
 
 
 def cmd_sft(args) -> None:
@@ -660,7 +664,8 @@ def cmd_serve(args) -> None:
     folder, tok_path = resolve_model_folder(args.run, args.model)
     served = build_served(folder, tok_path, name=args.served_model_name, workers=args.workers, device=args.device,
                           dtype=args.dtype, db=args.db, redis=args.redis, auth=not args.no_auth,
-                          max_pending=args.max_pending, max_num_seqs=args.max_num_seqs,
+                          max_pending=args.max_pending, engine_process=not args.engine_in_thread,
+                          max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_batched_tokens,
                           kv_cache_bytes=int(args.kv_cache_gb * 2**30))
     print(f"serving {served.model_name!r} at http://{args.host}:{args.port}/v1"

@@ -91,7 +91,7 @@ def code_chat_stage(run_dir: Path, preset: Preset, *, seed: int, device: str, pr
     summary = sft(run_dir / "model", run_dir / "model" / "tokenizer.json", cfg)
 
     dev = get_device(device)
-    dtype = resolve_dtype("auto", dev)
+    dtype = resolve_dtype("auto", dev, decoding=True)
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
     figures, answers = {}, {}
     for name, folder in (("base", run_dir / "model"), ("chat", out / "model")):

@@ -861,20 +861,23 @@ class _Metrics:
 
 def build_served(folder, tokenizer_path, *, name: str | None = None, workers: int = 1, device: str = "auto",
                  dtype: str = "auto", db: str | None = None, redis: str | None = None, auth: bool = True,
-                 max_pending: int = 256, **engine_kwargs) -> Served:
+                 max_pending: int = 256, engine_process: bool = True, **engine_kwargs) -> Served:
     """Load a model folder into `workers` engines behind a router, with the key store and limits.
 
-    Workers on one device share the weights (read-only) and each own a KV pool and a step loop;
-    with several CUDA devices (`device="cuda"`, workers > 1) worker i runs on cuda:i.
+    Each worker owns a KV pool and a step loop, by default in its own process (ProcessEngine: the
+    loop then never waits on the HTTP side's interpreter lock); with several CUDA devices
+    (`device="cuda"`, workers > 1) worker i runs on cuda:i. engine_process=False keeps the loops in
+    threads of this process, where workers on one device share the weights.
     """
+    import functools
     from pathlib import Path
 
     import torch
 
     from lmforge.checkpoint import load_model
-    from lmforge.common import get_device, resolve_dtype
-    from lmforge.engine import LLM
+    from lmforge.common import get_device
     from lmforge.engine.async_engine import AsyncEngine, Router
+    from lmforge.engine.process_engine import ProcessEngine
     from lmforge.tokenizer import load_tokenizer
 
     if workers < 1:
@@ -889,10 +892,14 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
     engines = []
     for i in range(workers):
         dev = torch.device(f"cuda:{i}") if spread else base
-        if str(dev) not in models:
-            models[str(dev)] = load_model(folder, dev)
-        llm = LLM(models[str(dev)], tokenizer, device=dev, dtype=resolve_dtype(dtype, dev), **engine_kwargs)
-        engines.append(AsyncEngine(llm, max_pending=max_pending, name=f"worker-{i}"))
+        if engine_process:
+            make_llm = functools.partial(worker_llm, str(folder), str(tokenizer_path), str(dev), dtype, engine_kwargs)
+            engines.append(ProcessEngine(make_llm, max_pending=max_pending, name=f"worker-{i}"))
+        else:
+            if str(dev) not in models:
+                models[str(dev)] = load_model(folder, dev)
+            llm = worker_llm(folder, tokenizer, dev, dtype, engine_kwargs, model=models[str(dev)])
+            engines.append(AsyncEngine(llm, max_pending=max_pending, name=f"worker-{i}"))
     keys = limiter = admin_key = feedback = None
     if auth:
         from lmforge.auth import KeyStore, env_admin_key, make_rate_limiter
@@ -900,9 +907,26 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
 
         keys, limiter, admin_key = KeyStore(db), make_rate_limiter(redis), env_admin_key()
         feedback = FeedbackStore(keys)
-    model = next(iter(models.values()))
-    return Served(Router(engines), tokenizer, name or Path(folder).resolve().name, model.config.max_position_embeddings,
-                  keys, limiter, admin_key, feedback)
+    return Served(Router(engines), tokenizer, name or Path(folder).resolve().name, engines[0].context, keys, limiter,
+                  admin_key, feedback)
+
+
+def worker_llm(folder, tokenizer, device, dtype: str, engine_kwargs: dict, model=None):
+    """One worker's engine over a model folder (run in the worker's own process by ProcessEngine,
+    which passes the tokenizer's path; a thread worker passes the loaded tokenizer and model)."""
+    import torch
+
+    from lmforge.checkpoint import load_model
+    from lmforge.common import resolve_dtype
+    from lmforge.engine import LLM
+    from lmforge.tokenizer import load_tokenizer
+
+    device = torch.device(device)
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    model = model if model is not None else load_model(folder, device)
+    return LLM(model, tokenizer, device=device, dtype=resolve_dtype(dtype, device, decoding=True),
+               **engine_kwargs)
 
 
 def run_server(served: Served, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

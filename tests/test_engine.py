@@ -2,6 +2,7 @@
 pool and prefix cache against their invariants; the sampler against its definitions; the async face."""
 
 import asyncio
+import functools
 import math
 import random
 
@@ -10,7 +11,8 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.engine import LLM, Completion, SamplingParams
-from lmforge.engine.async_engine import AsyncEngine, Overloaded, Router
+from lmforge.engine.async_engine import AsyncEngine, EngineError, Overloaded, Router
+from lmforge.engine.process_engine import ProcessEngine
 from lmforge.engine.sampler import apply_penalties
 from lmforge.engine.sequence import Sequence
 from lmforge.generate import generate
@@ -712,3 +714,99 @@ def test_router_prefers_the_prefix_holder_unless_it_is_much_busier(model):
     first, hits = asyncio.run(main())
     assert first == reference(model, prefix + p_tail, 4)
     assert hits[0] == cached_floor(len(prefix + p_tail), block_size)  # routed to the cache that held it
+
+
+# ----------------------------------------------------------------------------- a worker in its own process
+
+@pytest.fixture(scope="module")
+def worker(model):
+    engine = ProcessEngine(functools.partial(LLM, model, block_size=4, max_num_batched_tokens=64), name="proc")
+    yield engine
+    asyncio.run(engine.shutdown(drain_seconds=1))
+
+
+async def settle_process(engine: ProcessEngine, free_blocks: int, seconds: float = 10.0) -> None:
+    """Wait until nothing is pending and the worker reports free_blocks free (it reports on going idle)."""
+    for _ in range(int(seconds / 0.01)):
+        stats = engine.stats()
+        if not engine.num_pending and not stats["running"] and stats["free_blocks"] == free_blocks:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the worker did not settle: {engine.stats()}")
+
+
+def test_process_worker_streams_equal_llm_generate(model, worker):
+    prompts = random_prompts([6, 15, 9], seed=28)
+    params = [greedy(12), SamplingParams(max_tokens=12, temperature=1.0, seed=3),
+              SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, n=2, seed=11)]
+    llm = LLM(model, block_size=4)
+    expected = [[c.token_ids for c in o] for o in llm.generate(prompts, params)]
+    expected_embedding = llm.runner.embed(prompts[1]).tolist()
+
+    async def run(p, sp):
+        per_index = [[] for _ in range(sp.n)]
+        async for out in worker.generate(p, sp):
+            per_index[out.index] += out.token_ids
+        return per_index
+
+    async def main():
+        streams = await asyncio.gather(*(run(p, sp) for p, sp in zip(prompts, params)))
+        return streams, await worker.embed(prompts[1])
+
+    streams, embedding = asyncio.run(main())
+    assert streams == expected
+    assert embedding == pytest.approx(expected_embedding, abs=1e-6)
+
+
+def test_process_worker_frees_the_blocks_of_callers_that_leave(model, worker):
+    prompts = random_prompts([5, 11, 7, 13], seed=29)
+
+    async def leave_after(prompt, n):
+        async for out in worker.generate(prompt, greedy(CTX)):  # would run to the context
+            if out.num_output_tokens >= n:
+                break
+
+    async def main():
+        start = worker.stats()
+        kept = asyncio.create_task(collect(worker.generate(prompts[0], greedy(10))))
+        await asyncio.gather(*(leave_after(p, 2 + i) for i, p in enumerate(prompts[1:])))
+        result = await kept
+        await settle_process(worker, start["free_blocks"])
+        return result, worker.stats()["generated_tokens"] - start["generated_tokens"]
+
+    result, generated = asyncio.run(main())
+    assert result == reference(model, prompts[0], 10)
+    # Run to the context, the three leavers would have made 64 - 5, 64 - 7 and 64 - 13 tokens; aborted
+    # after 2, 3 and 4 (plus what a step or two in flight adds), far fewer.
+    assert generated < 10 + 3 * 4 + 3 * 4
+
+
+def test_process_worker_refuses_bad_requests_in_the_caller(worker):
+    async def main():
+        with pytest.raises(LmforgeError, match="context is 64"):
+            await collect(worker.generate(list(range(CTX)), greedy(1)))
+        with pytest.raises(LmforgeError, match="temperature"):
+            await collect(worker.generate([1, 2], SamplingParams(temperature=-1)))
+        with pytest.raises(LmforgeError, match="stop strings need"):
+            await collect(worker.generate([1, 2], SamplingParams(stop=["x"])))
+        return await collect(worker.generate([1, 2], greedy(2)))  # the worker carries on
+
+    assert len(asyncio.run(main())) == 2
+
+
+def test_a_dead_or_unloadable_worker_is_an_engine_error(model, tmp_path):
+    with pytest.raises(EngineError, match="could not load its model"):
+        ProcessEngine(functools.partial(LLM.from_folder, tmp_path / "missing", device="cpu"))
+    engine = ProcessEngine(functools.partial(LLM, model))
+
+    async def main():
+        stream = engine.generate([1, 2, 3], greedy(CTX - 3))
+        await stream.__anext__()
+        engine._process.kill()  # out of memory, say
+        with pytest.raises(EngineError, match="engine process exited"):
+            await collect(stream)
+        with pytest.raises(EngineError, match="is gone"):
+            await collect(engine.generate([1, 2], greedy(1)))
+        await engine.shutdown(drain_seconds=1)
+
+    asyncio.run(main())

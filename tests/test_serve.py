@@ -40,9 +40,10 @@ def model(tokenizer):
                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=CONTEXT)
     model = Transformer(config)
     model.init_weights(seed=0)
+    generator = torch.Generator().manual_seed(1)  # the same model whichever tests ran before
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p, generator=None))
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
     return model.eval()
 
 
@@ -95,8 +96,10 @@ def key(live):
 
 
 def greedy_text(model, tokenizer, prompt_ids, n):
-    return tokenizer.decode(list(generate(model, prompt_ids, max_tokens=n, temperature=0,
-                                          stop_ids={tokenizer.eos_id, tokenizer.bos_id})))
+    """The plain decode loop's text, special tokens left out as the server leaves them out."""
+    ids = generate(model, prompt_ids, max_tokens=n, temperature=0, stop_ids={tokenizer.eos_id, tokenizer.bos_id})
+    special = set(tokenizer.special_ids.values())
+    return tokenizer.decode([i for i in ids if i not in special])
 
 
 # ----------------------------------------------------------------------------- the openai client
@@ -397,3 +400,28 @@ def test_two_replicas_share_keys_limits_and_ledger(model, tokenizer, pg_url, red
     finally:
         for s in servers:
             s.stop()
+
+
+def test_lmforge_serve_runs_its_worker_in_a_process_that_answers_alike(model, tokenizer, tmp_path):
+    from lmforge.checkpoint import save_model_folder
+    from lmforge.serve import build_served
+
+    folder = save_model_folder(tmp_path / "model", model, tokenizer)
+    served = build_served(folder, folder / "tokenizer.json", name="tiny", device="cpu", auth=False,
+                          max_num_batched_tokens=64)  # what `lmforge serve --no-auth` builds
+    (worker,) = served.engine.workers
+    server = LiveServer(served)
+    try:
+        client = server.client(None)
+        r = client.completions.create(model="tiny", prompt="def fib(", max_tokens=12, temperature=0)
+        chunks = list(client.completions.create(model="tiny", prompt="The quick", max_tokens=8, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        metrics = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    finally:
+        server.stop()
+    assert r.choices[0].text == greedy_text(model, tokenizer, tokenizer.encode("def fib("), 12)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy_text(
+        model, tokenizer, tokenizer.encode("The quick"), 8)
+    generated = r.usage.completion_tokens + chunks[-1].usage.completion_tokens
+    assert f"lmforge_engine_generated_tokens {generated}\n" in metrics  # the worker's own count
+    assert not worker._process.is_alive()  # the server's shutdown stopped it

@@ -6,6 +6,8 @@
     model_runner.py   the packed batch through the model against the paged cache
     sampler.py        per-row penalties, temperature, top-k/top-p/min-p, seeded draws, logprobs
     llm.py            LLM: add_request / step / abort, and generate for offline use
+    async_engine.py   AsyncEngine: the step loop in a thread, streamed to asyncio; Router over workers
+    process_engine.py ProcessEngine: AsyncEngine's face with the step loop in its own process
 """
 
 from lmforge.engine.llm import LLM, Completion, RequestOutput

@@ -32,6 +32,15 @@ from lmforge.engine.llm import LLM, RequestOutput
 from lmforge.engine.sequence import SamplingParams
 
 
+def engine_stats(llm: LLM) -> dict:
+    """The gauges /metrics shows for one worker (with `pending`, which its owner adds)."""
+    blocks = llm.block_manager
+    return dict(running=len(llm.scheduler.running), waiting=len(llm.scheduler.waiting),
+                free_blocks=blocks.num_free_blocks, total_blocks=blocks.num_blocks, prefix_queries=blocks.num_queries,
+                prefix_hits=blocks.num_hits, preemptions=llm.scheduler.num_preemptions,
+                generated_tokens=llm.num_generated_tokens)
+
+
 class Overloaded(LmforgeError):
     """Too many requests in flight: try again shortly."""
 
@@ -104,12 +113,16 @@ class AsyncEngine:
 
         return await asyncio.get_running_loop().run_in_executor(None, run)
 
+    @property
+    def block_size(self) -> int:
+        return self.llm.block_manager.block_size
+
+    @property
+    def context(self) -> int:
+        return self.llm.context
+
     def stats(self) -> dict:
-        blocks = self.llm.block_manager
-        return dict(running=len(self.llm.scheduler.running), waiting=len(self.llm.scheduler.waiting),
-                    pending=self.num_pending, free_blocks=blocks.num_free_blocks, total_blocks=blocks.num_blocks,
-                    prefix_queries=blocks.num_queries, prefix_hits=blocks.num_hits,
-                    preemptions=self.llm.scheduler.num_preemptions)
+        return dict(engine_stats(self.llm), pending=self.num_pending)
 
     async def shutdown(self, drain_seconds: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish (up to drain_seconds), then stop the loop."""
@@ -156,7 +169,7 @@ class Router:
 
     def pick(self, prompt_ids: list[int], salt: bytes = b"") -> AsyncEngine:
         least = min(self.workers, key=lambda w: w.num_pending)
-        block_size = least.llm.block_manager.block_size
+        block_size = least.block_size
         if len(prompt_ids) <= block_size:
             return least  # no full block: nothing a cache could hold
         key = block_hash(None, prompt_ids[:block_size], salt)

@@ -62,6 +62,15 @@ class Completion:
     num_cached_tokens: int = 0
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, config, num_tokens: int, has_tokenizer: bool) -> None:
+    """Raise LmforgeError for a request no engine over this model can run (also checked by a
+    server's front process before it hands the request to a worker process)."""
+    params.validate(num_tokens)
+    check_prompt(prompt_ids, config)
+    if params.stop and not has_tokenizer:
+        raise LmforgeError("stop strings need the engine's tokenizer; pass stop_token_ids instead")
+
+
 class LLM:
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float32, block_size: int = 16, num_blocks: int | None = None,
@@ -96,6 +105,7 @@ class LLM:
         self._requests: dict[str, list[Sequence]] = {}
         self._streams: dict[int, TextStream] = {}
         self._ids = itertools.count()
+        self.num_generated_tokens = 0  # over the engine's life, aborted requests' included
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
@@ -115,10 +125,7 @@ class LLM:
                     salt: bytes = b"") -> str:
         """Queue a prompt for `params.n` completions; returns the request id. `salt` separates
         tenants in the prefix cache (a key's own prompts share cached blocks; others' never do)."""
-        params.validate(self.num_tokens)
-        check_prompt(prompt_ids, self.config)
-        if params.stop and self.tokenizer is None:
-            raise LmforgeError("stop strings need the engine's tokenizer; pass stop_token_ids instead")
+        check_request(prompt_ids, params, self.config, self.num_tokens, self.tokenizer is not None)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise LmforgeError(f"request id {request_id!r} is already in use")
@@ -143,6 +150,11 @@ class LLM:
         for seq in self._requests.pop(request_id, []):
             self.scheduler.finish(seq)
             self._streams.pop(seq.seq_id, None)
+
+    @property
+    def request_ids(self) -> list[str]:
+        """Requests added and not yet finished or aborted."""
+        return list(self._requests)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -212,6 +224,7 @@ class LLM:
             reason, new, logprobs = "stop", [], []  # a stop token ends the text and is not part of it
         else:
             seq.token_ids.append(token)
+            self.num_generated_tokens += 1
             seq.output_logprobs.extend(logprobs)
             if stream is not None:
                 text = stream.push(token)
