@@ -426,10 +426,14 @@ class RateLimiter:
 
     - `acquire_request(key_id, rpm)`: None if allowed (and counted), else seconds until a slot
       frees (for Retry-After).
-    - `check_tokens(key_id, tpm)`: before admitting; None if the window holds fewer than `tpm`
-      tokens, else seconds until it will. A request's length is unknown until it ends, so the one
-      admitted request may overshoot; the next waits (OpenAI's limits behave the same way).
-    - `add_tokens(key_id, n)`: after the request, its prompt + completion tokens.
+    - `reserve_tokens(key_id, tpm, n, reservation)`: before admitting a request that may use up to
+      n tokens (its prompt plus max_tokens per choice): None if the window has room for all n (and
+      they are counted now, under the id `reservation`), else seconds until it will. Counting the
+      most a request may use, as OpenAI's limits do, keeps concurrent requests from overshooting
+      together: checking the window and adding tokens only after each request ended let every
+      request admitted meanwhile through. A window holding nothing admits any n.
+    - `settle_tokens(key_id, reservation, n)`: once the request ends, what it used (n, from 0 for a
+      refused one up to the reserved count) replaces the reservation, at the reservation's time.
 
     A limit of None means unlimited and is not counted.
     """
@@ -437,10 +441,10 @@ class RateLimiter:
     def acquire_request(self, key_id: str, rpm: int | None) -> float | None:
         raise NotImplementedError
 
-    def check_tokens(self, key_id: str, tpm: int | None) -> float | None:
+    def reserve_tokens(self, key_id: str, tpm: int | None, n: int, reservation: str) -> float | None:
         raise NotImplementedError
 
-    def add_tokens(self, key_id: str, n: int) -> None:
+    def settle_tokens(self, key_id: str, reservation: str, n: int) -> None:
         raise NotImplementedError
 
 
@@ -454,7 +458,7 @@ class MemoryRateLimiter(RateLimiter):
         self.clock = clock
         self._lock = threading.Lock()  # the server calls from a thread pool
         self._requests: dict[str, deque[float]] = {}  # key -> request times, oldest first
-        self._tokens: dict[str, deque[tuple[float, int]]] = {}  # key -> (time, tokens), oldest first
+        self._tokens: dict[str, deque[list]] = {}  # key -> [time, tokens, reservation], oldest first
         self._token_sums: dict[str, int] = {}
 
     def _expire(self, key_id: str, now: float) -> None:
@@ -479,29 +483,36 @@ class MemoryRateLimiter(RateLimiter):
                 return None
             return times[len(times) - rpm] + WINDOW_SECONDS - now  # when enough old ones have left
 
-    def check_tokens(self, key_id: str, tpm: int | None) -> float | None:
+    def reserve_tokens(self, key_id: str, tpm: int | None, n: int, reservation: str) -> float | None:
         if tpm is None:
             return None
         with self._lock:
             now = self.clock()
             self._expire(key_id, now)
+            entries = self._tokens.setdefault(key_id, deque())
             total = self._token_sums.get(key_id, 0)
-            if total < tpm:
+            if total + n <= tpm or not entries:
+                entries.append([now, n, reservation])
+                self._token_sums[key_id] = total + n
                 return None
-            for t, n in self._tokens[key_id]:  # oldest first: the wait is until the sum drops below tpm
-                total -= n
-                if total < tpm:
+            for t, used, _ in entries:  # oldest first: the wait is until the rest leaves room for n
+                total -= used
+                if total + n <= tpm:
                     return t + WINDOW_SECONDS - now
-            raise AssertionError("unreachable: the sum reaches 0 < tpm")
+            return entries[-1][0] + WINDOW_SECONDS - now  # n > tpm: only an empty window admits it
 
-    def add_tokens(self, key_id: str, n: int) -> None:
-        if n <= 0:
-            return
+    def settle_tokens(self, key_id: str, reservation: str, n: int) -> None:
         with self._lock:
             now = self.clock()
             self._expire(key_id, now)
-            self._tokens.setdefault(key_id, deque()).append((now, n))
-            self._token_sums[key_id] = self._token_sums.get(key_id, 0) + n
+            for entry in self._tokens.get(key_id, ()):
+                if entry[2] == reservation:
+                    self._token_sums[key_id] += n - entry[1]
+                    entry[1] = n
+                    return
+            if n > 0:  # the reservation left the window while the request ran: count the use now
+                self._tokens.setdefault(key_id, deque()).append([now, n, reservation])
+                self._token_sums[key_id] = self._token_sums.get(key_id, 0) + n
 
 
 # Each script runs atomically in Redis, so replicas cannot both take the last slot. Time is Redis's
@@ -529,22 +540,42 @@ local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITH
 return tostring(tonumber(oldest[2]) + window - now)
 """
 
-# Token entries are members "<tokens>:<unique>" scored by time, so equal counts stay distinct.
-_LUA_CHECK_TOKENS = _LUA_NOW + """
-local limit = tonumber(ARGV[3])
+# Token entries are members "<tokens>:<reservation>" scored by time, so equal counts stay distinct.
+_LUA_TOKEN_TOTAL = """
 local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local total = 0
 for i = 1, #entries, 2 do total = total + tonumber(string.match(entries[i], '^(%d+):')) end
-if total < limit then return false end
-for i = 1, #entries, 2 do
-  total = total - tonumber(string.match(entries[i], '^(%d+):'))
-  if total < limit then return tostring(tonumber(entries[i + 1]) + window - now) end
-end
-return tostring(window)
 """
 
-_LUA_ADD_TOKENS = _LUA_NOW + """
-redis.call('ZADD', KEYS[1], now, ARGV[3] .. ':' .. ARGV[4])
+_LUA_RESERVE_TOKENS = _LUA_NOW + _LUA_TOKEN_TOTAL + """
+local limit, n = tonumber(ARGV[3]), tonumber(ARGV[4])
+if total + n <= limit or #entries == 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[4] .. ':' .. ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+  return false
+end
+for i = 1, #entries, 2 do
+  total = total - tonumber(string.match(entries[i], '^(%d+):'))
+  if total + n <= limit then return tostring(tonumber(entries[i + 1]) + window - now) end
+end
+return tostring(tonumber(entries[#entries]) + window - now)
+"""
+
+_LUA_SETTLE_TOKENS = _LUA_NOW + """
+local suffix = ':' .. ARGV[4]
+local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local at = nil
+for i = 1, #entries, 2 do
+  if string.sub(entries[i], -#suffix) == suffix then
+    at = entries[i + 1]
+    redis.call('ZREM', KEYS[1], entries[i])
+  end
+end
+if at == nil then
+  if tonumber(ARGV[3]) == 0 then return false end
+  at = now
+end
+redis.call('ZADD', KEYS[1], at, ARGV[3] .. suffix)
 redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
 return false
 """
@@ -572,8 +603,8 @@ class RedisRateLimiter(RateLimiter):
             raise LmforgeError(f"cannot reach Redis at {url!r} ({e}); check the URL and that Redis is running, "
                                "or leave it out to count limits in this process") from None
         self._acquire = self.client.register_script(_LUA_ACQUIRE)
-        self._check_tokens = self.client.register_script(_LUA_CHECK_TOKENS)
-        self._add_tokens = self.client.register_script(_LUA_ADD_TOKENS)
+        self._reserve_tokens = self.client.register_script(_LUA_RESERVE_TOKENS)
+        self._settle_tokens = self.client.register_script(_LUA_SETTLE_TOKENS)
 
     def _now(self) -> str:
         return "" if self.clock is None else repr(float(self.clock()))
@@ -587,16 +618,15 @@ class RedisRateLimiter(RateLimiter):
         return self._result(self._acquire(keys=[f"{self.prefix}:{key_id}:requests"],
                                           args=[self._now(), WINDOW_SECONDS, rpm, uuid.uuid4().hex]))
 
-    def check_tokens(self, key_id: str, tpm: int | None) -> float | None:
+    def reserve_tokens(self, key_id: str, tpm: int | None, n: int, reservation: str) -> float | None:
         if tpm is None:
             return None
-        return self._result(self._check_tokens(keys=[f"{self.prefix}:{key_id}:tokens"],
-                                               args=[self._now(), WINDOW_SECONDS, tpm]))
+        return self._result(self._reserve_tokens(keys=[f"{self.prefix}:{key_id}:tokens"],
+                                                 args=[self._now(), WINDOW_SECONDS, tpm, int(n), reservation]))
 
-    def add_tokens(self, key_id: str, n: int) -> None:
-        if n > 0:
-            self._add_tokens(keys=[f"{self.prefix}:{key_id}:tokens"],
-                             args=[self._now(), WINDOW_SECONDS, int(n), uuid.uuid4().hex])
+    def settle_tokens(self, key_id: str, reservation: str, n: int) -> None:
+        self._settle_tokens(keys=[f"{self.prefix}:{key_id}:tokens"],
+                            args=[self._now(), WINDOW_SECONDS, int(n), reservation])
 
 
 def make_rate_limiter(url: str | None = None, prefix: str = "lmforge:ratelimit",

@@ -288,8 +288,10 @@ def create_app(served: Served) -> FastAPI:
         await run_in_threadpool(served.feedback.store_response, shaper.request_id, who.key_id, served.model_name,
                                 shaper.texts(), **shaper.stored_prompt())
 
-    async def admit(who: Caller) -> None:
-        """Rate limits and budget, before any work is queued."""
+    async def admit(who: Caller, request_id: str, tokens: int) -> None:
+        """Rate limits and budget, before any work is queued. `tokens`, the most the request may use
+        (its prompts plus max_tokens for each choice), is held against the key's tokens/minute until
+        account() replaces it with what the request used."""
         record = who.record
         if record is None:
             return
@@ -297,24 +299,33 @@ def create_app(served: Served) -> FastAPI:
             wait = await run_in_threadpool(served.limiter.acquire_request, record.id, record.rpm)
             if wait is not None:
                 raise _rate_limited(f"rate limit of {record.rpm} requests per minute reached", wait)
-        if served.limiter is not None and record.tpm:
-            wait = await run_in_threadpool(served.limiter.check_tokens, record.id, record.tpm)
-            if wait is not None:
-                raise _rate_limited(f"rate limit of {record.tpm} tokens per minute reached", wait)
         if record.token_budget is not None:
             used = await run_in_threadpool(served.keys.tokens_used, record.id)
             if used >= record.token_budget:
                 raise APIError(429, f"token budget of {record.token_budget} used up ({used} tokens); ask for more",
                                "insufficient_quota", code="insufficient_quota")
+        if served.limiter is not None and record.tpm:
+            if tokens > record.tpm:  # no wait would let it through (OpenAI's "request too large")
+                raise APIError(429, f"this request may use {tokens} tokens (its prompt plus max_tokens for each "
+                                    f"choice), more than the key's limit of {record.tpm} tokens per minute; lower "
+                                    "max_tokens or n", "tokens", code="rate_limit_exceeded")
+            wait = await run_in_threadpool(served.limiter.reserve_tokens, record.id, record.tpm, tokens, request_id)
+            if wait is not None:
+                raise _rate_limited(f"rate limit of {record.tpm} tokens per minute reached", wait)
 
-    async def account(who: Caller, request_id: str, usage: dict) -> None:
-        metrics.prompt_tokens.inc(usage["prompt_tokens"])
-        metrics.completion_tokens.inc(usage["completion_tokens"])
+    async def account(who: Caller, request_id: str, usage: dict, *, ledger: bool = True) -> None:
+        """What a request used: settled against its tokens/minute reservation and, unless it was
+        refused before it ran (ledger=False), billed in the usage ledger."""
+        if ledger:
+            metrics.prompt_tokens.inc(usage["prompt_tokens"])
+            metrics.completion_tokens.inc(usage["completion_tokens"])
         if who.record is None:
             return
         total = usage["prompt_tokens"] + usage["completion_tokens"]
         if served.limiter is not None and who.record.tpm:
-            await run_in_threadpool(served.limiter.add_tokens, who.record.id, total)
+            await run_in_threadpool(served.limiter.settle_tokens, who.record.id, request_id, total)
+        if not ledger:
+            return
         await run_in_threadpool(served.keys.record_usage, who.record.id, served.model_name, request_id,
                                 usage["prompt_tokens"], usage["completion_tokens"],
                                 usage["prompt_tokens_details"]["cached_tokens"])
@@ -356,8 +367,8 @@ def create_app(served: Served) -> FastAPI:
             _check_length(ids, params, served)
         if body.store:
             check_store("store")
-        await admit(who)
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        await admit(who, request_id, sum(len(ids) + params.max_tokens * params.n for ids in prompts))
         shaper = _CompletionShaper(served, body, prompts, request_id)
         return await _respond(served, request, who, body, prompts, params, request_id, shaper, account, keep,
                               metrics)
@@ -376,8 +387,8 @@ def create_app(served: Served) -> FastAPI:
         _check_length(ids, params, served)
         if body.store:
             check_store("store")
-        await admit(who)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        await admit(who, request_id, len(ids) + params.max_tokens * params.n)
         shaper = _ChatShaper(served, body, request_id)
         return await _respond(served, request, who, body, [ids], params, request_id, shaper, account, keep, metrics)
 
@@ -387,20 +398,22 @@ def create_app(served: Served) -> FastAPI:
         if body.dimensions is not None:
             raise APIError(400, "dimensions is not supported: embeddings have the model's width", param="dimensions")
         inputs = _prompts(body.input, served, name="input")
-        await admit(who)
-        data = []
         for i, ids in enumerate(inputs):
             if len(ids) > served.context:
                 raise APIError(400, f"input {i} has {len(ids)} tokens; the model's context is {served.context}",
                                param="input", code="context_length_exceeded")
+        request_id = f"embd-{uuid.uuid4().hex}"
+        n = sum(len(ids) for ids in inputs)
+        await admit(who, request_id, n)
+        data = []
+        for i, ids in enumerate(inputs):
             vector = await served.engine.embed(ids)
             if body.encoding_format == "base64":
                 vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": i, "embedding": vector})
-        n = sum(len(ids) for ids in inputs)
         usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n,
                  "prompt_tokens_details": {"cached_tokens": 0}}
-        await account(who, f"embd-{uuid.uuid4().hex}", usage)
+        await account(who, request_id, usage)
         return {"object": "list", "data": data, "model": served.model_name,
                 "usage": {"prompt_tokens": n, "total_tokens": n}}
 
@@ -600,6 +613,10 @@ async def _respond(served, request, who, body, prompts, params, request_id, shap
             first = await stream.__anext__()
         except StopAsyncIteration:
             first = None
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await account(who, request_id, shaper.usage(), ledger=False)  # refused: free its reservation
+            raise
 
         async def events():
             try:
@@ -637,6 +654,11 @@ async def _respond(served, request, who, body, prompts, params, request_id, shap
             shaper.add(p, out)
             if shaper.num_outputs % 16 == 0 and await request.is_disconnected():
                 break  # nobody is listening: stop generating
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+            await account(who, request_id, shaper.usage(), ledger=False)  # refused or failed: not billed
+        raise
     finally:
         await stream.aclose()  # aborts the generation if it has not finished
     usage = shaper.usage()

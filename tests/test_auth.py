@@ -322,24 +322,29 @@ def test_requests_per_minute_sliding_window(limiter_and_clock):
         assert limiter.acquire_request("k", None) is None
 
 
-def test_tokens_per_minute_sliding_window(limiter_and_clock):
+def test_tokens_per_minute_hold_what_a_request_may_use_until_it_settles(limiter_and_clock):
     limiter, clock = limiter_and_clock
     t0 = clock.t
-    assert limiter.check_tokens("k", 100) is None
-    limiter.add_tokens("k", 60)
+    assert limiter.reserve_tokens("k", 100, 60, "a") is None  # a may use 60: held now
+    assert limiter.reserve_tokens("k", 100, 60, "b") == pytest.approx(60)  # 120 > 100 until a leaves at t0 + 60
+    limiter.settle_tokens("k", "a", 20)  # a ended having used 20
     clock.t = t0 + 10
-    assert limiter.check_tokens("k", 100) is None  # 60 < 100: admitted, though it may overshoot
-    limiter.add_tokens("k", 60)
+    assert limiter.reserve_tokens("k", 100, 60, "b") is None  # 20 + 60 fit; refused attempts were not held
     clock.t = t0 + 20
-    assert limiter.check_tokens("k", 100) == pytest.approx(40)  # 120 until the first 60 leave at t0 + 60
-    assert limiter.check_tokens("k", 50) == pytest.approx(50)  # below 50 only when both are gone
-    assert limiter.check_tokens("other", 100) is None
-    assert limiter.check_tokens("k", None) is None
-    clock.t = t0 + 60
-    assert limiter.check_tokens("k", 100) is None
-    limiter.add_tokens("k", 0)
-    clock.t = t0 + 70
-    assert limiter.check_tokens("k", 1) is None  # all expired; zero-token adds count nothing
+    assert limiter.reserve_tokens("k", 100, 30, "c") == pytest.approx(40)  # room once a (t0) leaves
+    assert limiter.reserve_tokens("k", 100, 90, "c") == pytest.approx(50)  # room once b (t0 + 10) leaves too
+    limiter.settle_tokens("k", "b", 0)  # b was refused downstream: it used nothing
+    assert limiter.reserve_tokens("k", 100, 80, "c") is None  # 20 + 0 + 80
+    assert limiter.reserve_tokens("k", 100, 1, "d") == pytest.approx(40)  # full (100) until a leaves
+    assert limiter.reserve_tokens("other", 100, 100, "e") is None  # per key
+    assert limiter.reserve_tokens("k", None, 10**6, "f") is None  # no limit: not counted
+    clock.t = t0 + 200
+    assert limiter.reserve_tokens("k", 100, 500, "g") is None  # an empty window admits any size
+    clock.t = t0 + 210
+    limiter.settle_tokens("k", "gone", 7)  # a reservation that expired while its request ran: counted now
+    clock.t = t0 + 260  # g has left
+    assert limiter.reserve_tokens("k", 100, 94, "h") == pytest.approx(10)  # 7 + 94 until t0 + 270
+    assert limiter.reserve_tokens("k", 100, 93, "h") is None  # 7 + 93
 
 
 def test_redis_limit_uses_the_servers_clock(redis_prefix):
@@ -367,8 +372,10 @@ def test_two_redis_limiters_share_one_limit(redis_prefix):
     for t in threads:
         t.join()
     assert len(allowed) == 80 and sum(allowed) == 15
-    a.add_tokens("shared", 500)
-    assert b.check_tokens("shared", 500) is not None and b.check_tokens("shared", 501) is None
+    assert a.reserve_tokens("shared", 500, 400, "r1") is None
+    assert b.reserve_tokens("shared", 500, 101, "r2") is not None  # a's reservation holds on b too
+    a.settle_tokens("shared", "r1", 300)
+    assert b.reserve_tokens("shared", 500, 200, "r2") is None and b.reserve_tokens("shared", 500, 1, "r3") is not None
     other_prefix = RedisRateLimiter(REDIS_URL, prefix=redis_prefix + "-x")
     assert other_prefix.acquire_request("shared", 15) is None  # prefixes keep namespaces apart
 

@@ -2,6 +2,7 @@
 keys and limits, bad input, and a load test that checks the KV cache is whole afterwards."""
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import socket
@@ -202,6 +203,23 @@ def test_requests_per_minute_limit_is_429_with_retry_after(live):
     assert status == 429 and int(headers["retry-after"]) >= 1 and body["error"]["code"] == "rate_limit_exceeded"
     with pytest.raises(openai.RateLimitError):
         live.client(limited).completions.create(model="tiny", prompt="x", max_tokens=1)
+
+
+def test_tokens_per_minute_hold_concurrent_requests_to_the_limit(live):
+    """Each request holds its prompt plus max_tokens from admission until it ends, so requests
+    arriving together cannot overshoot the key's tokens/minute (checked and counted only at the end,
+    all six were let in)."""
+    limited = live.served.keys.create_key("tpm-limited", tpm=100)[0]
+    prompt = live.served.tokenizer.encode("def fib(")
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 30, "ignore_eos": True}  # may use len(prompt) + 30
+    fit = 100 // (len(prompt) + 30)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: live.post("/v1/completions", body, limited), range(6)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [200] * fit + [429] * (6 - fit)
+    assert all(a[2]["usage"]["total_tokens"] == len(prompt) + 30 for a in answers if a[0] == 200)
+    status, _, error = live.post("/v1/completions", {**body, "max_tokens": 200}, limited)
+    assert status == 429 and "more than the key's limit of 100 tokens per minute" in error["error"]["message"]
 
 
 def test_token_budget_is_429_once_spent(live):
