@@ -114,6 +114,8 @@ def _add_generate_args(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--show-special", action="store_true",
+                   help="print special tokens (chat markers, padding) as text instead of leaving them out")
     p.add_argument("--device", default="auto")
 
 
@@ -532,7 +534,7 @@ def cmd_generate(args) -> None:
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop_ids,
                    device=device, dtype=resolve_dtype("auto", device, decoding=True), num_tokens=tokenizer.vocab_size)
     sys.stdout.write(prompt)
-    for piece in stream_text(tokenizer, ids, stop=args.stop):
+    for piece in stream_text(tokenizer, ids, stop=args.stop, skip_special=not args.show_special):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -209,12 +209,14 @@ class TextStream:
         return text[:len(text) - held]
 
 
-def stream_text(tokenizer, token_iter: Iterable[int], stop: Iterable[str] = ()) -> Iterator[str]:
+def stream_text(tokenizer, token_iter: Iterable[int], stop: Iterable[str] = (),
+                skip_special: bool = True) -> Iterator[str]:
     """Yield text pieces for token_iter as they become printable; stop pulling tokens at a stop string.
+    Special tokens (chat markers, padding) add no text unless skip_special is False.
 
     With `generate` as token_iter, ending here ends generation: no token is computed after the stop.
     """
-    stream = TextStream(tokenizer, stop)
+    stream = TextStream(tokenizer, stop, getattr(tokenizer, "special_ids", {}).values() if skip_special else ())
     for token_id in token_iter:
         piece = stream.push(token_id)
         if piece:

@@ -259,3 +259,13 @@ def test_stream_equals_text_up_to_first_stop_for_any_tokenisation(text, cuts, st
     hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
     assert "".join(out) == text[:min(hits)[1] if hits else len(text)]
     assert all(out) and all("\ufffd" not in p for p in out)
+
+
+def test_stream_text_leaves_special_tokens_out_unless_asked():
+    class WithSpecials(ByteTokenizer):
+        special_ids = {"<|pad|>": 300}
+        EXTRA = {**ByteTokenizer.EXTRA, 300: b"<|pad|>"}
+
+    ids = [104, 300, 105]
+    assert "".join(stream_text(WithSpecials(), ids)) == "hi"
+    assert "".join(stream_text(WithSpecials(), ids, skip_special=False)) == "h<|pad|>i"
