@@ -160,6 +160,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--levels", default="1,8,32")
     p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--workers", type=int, help="the server's engine workers (default: lmforge serve's own)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-serve-"))
@@ -176,7 +177,8 @@ def main() -> None:
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(folder), "--no-auth",
-                               "--port", str(port), "--served-model-name", "bench", "--device", "cpu"],
+                               "--port", str(port), "--served-model-name", "bench", "--device", "cpu",
+                               *(["--workers", str(args.workers)] if args.workers else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     try:
         for _ in range(600):

@@ -271,8 +271,9 @@ def _add_serve_args(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
-    p.add_argument("--workers", type=int, default=1, help="engine workers behind the router, each in its own "
-                                                         "process (one per GPU, or per spare CPU core)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="engine workers behind the router, each in its own process (default: on CPU one per core "
+                        "while the copies of the weights fit in a quarter of memory; 1 on a GPU, give N for N GPUs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="compute precision")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together per worker")

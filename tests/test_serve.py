@@ -443,3 +443,17 @@ def test_lmforge_serve_runs_its_worker_in_a_process_that_answers_alike(model, to
     generated = r.usage.completion_tokens + chunks[-1].usage.completion_tokens
     assert f"lmforge_engine_generated_tokens {generated}\n" in metrics  # the worker's own count
     assert not worker._process.is_alive()  # the server's shutdown stopped it
+
+
+def test_auto_workers_one_per_core_while_the_weights_fit(tmp_path, monkeypatch):
+    import os
+
+    from lmforge.serve import auto_workers
+
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    cpu = torch.device("cpu")
+    assert auto_workers(tmp_path, cpu) == len(os.sched_getaffinity(0))
+    assert auto_workers(tmp_path, torch.device("cuda")) == 1  # one GPU unless told N
+    assert auto_workers(tmp_path, cpu, engine_process=False) == 1  # threads share one interpreter
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 7_999}[name])
+    assert auto_workers(tmp_path, cpu) == 1  # a quarter of 7,999 bytes holds one 1,000-byte copy
