@@ -810,3 +810,13 @@ def test_a_dead_or_unloadable_worker_is_an_engine_error(model, tmp_path):
         await engine.shutdown(drain_seconds=1)
 
     asyncio.run(main())
+
+
+def test_a_lone_sequence_on_consecutive_blocks_is_read_in_place_and_decodes_alike(model):
+    llm = LLM(model, block_size=4)
+    prompt = random_prompts([9], seed=30)[0]
+    first = llm.generate([prompt], greedy(20))[0][0].token_ids
+    assert llm.runner.cache.decode_span is not None  # fresh blocks 0, 1, ...: no gather
+    again = llm.generate([prompt], greedy(20))[0][0].token_ids  # the prompt's 2 full blocks come from
+    assert llm.runner.cache.decode_span is None  # the cache, the rest from later blocks: gathered
+    assert first == again == reference(model, prompt, 20)

@@ -72,6 +72,11 @@ class PagedKVCache:
                 mask &= key_pos > (lengths[:, None] - 1 - self.window)
             self.decode_rows = torch.tensor(rows, device=dev)
             self.decode_tables = torch.tensor(padded, device=dev)
+            # One sequence on consecutive blocks (a lone stream's usual layout: the free list hands
+            # them out in order) is read in place: no copy of its whole cache at every layer.
+            first = padded[0][0]
+            self.decode_span = ((first * bs, (first + width) * bs)
+                                if len(decode) == 1 and padded[0] == list(range(first, first + width)) else None)
             self.decode_mask = mask[:, None, None, :].to(dev)  # (Bd, 1, 1, S_max)
 
     def _gather(self, pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -100,8 +105,12 @@ class PagedKVCache:
         if self.decode_rows is not None:
             rows = self.decode_rows
             qd = q[0, :, rows].transpose(0, 1).unsqueeze(2)  # (Bd, H, 1, Hd)
-            kd = self._gather(k_pool, self.decode_tables)  # (Bd, K, S_max, Hd)
-            vd = self._gather(v_pool, self.decode_tables)
+            if self.decode_span is not None:
+                first, end = self.decode_span
+                kd, vd = k_pool[first:end].transpose(0, 1)[None], v_pool[first:end].transpose(0, 1)[None]
+            else:
+                kd = self._gather(k_pool, self.decode_tables)  # (Bd, K, S_max, Hd)
+                vd = self._gather(v_pool, self.decode_tables)
             yd = F.scaled_dot_product_attention(qd, kd.to(qd.dtype), vd.to(qd.dtype), attn_mask=self.decode_mask,
                                                 scale=scale, **gqa)  # (Bd, H, 1, Hd)
             y[0, :, rows] = yd[:, :, 0].transpose(0, 1)
