@@ -41,6 +41,14 @@ def engine_stats(llm: LLM) -> dict:
                 generated_tokens=llm.num_generated_tokens)
 
 
+async def drain(worker, seconds: float) -> None:
+    """Wait until a worker that stopped admitting has no request in flight, or `seconds` passed."""
+    for _ in range(int(seconds * 20)):
+        if not worker.num_pending:
+            return
+        await asyncio.sleep(0.05)
+
+
 class Overloaded(LmforgeError):
     """Too many requests in flight: try again shortly."""
 
@@ -127,10 +135,7 @@ class AsyncEngine:
     async def shutdown(self, drain_seconds: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish (up to drain_seconds), then stop the loop."""
         self._stopping = True
-        for _ in range(int(drain_seconds * 20)):
-            if not self.num_pending:
-                break
-            await asyncio.sleep(0.05)
+        await drain(self, drain_seconds)
         self._wake.set()
         self._thread.join(timeout=5)
 

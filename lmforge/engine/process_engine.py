@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.engine.async_engine import EngineError, Overloaded, engine_stats
+from lmforge.engine.async_engine import EngineError, Overloaded, drain, engine_stats
 from lmforge.engine.llm import LLM, RequestOutput, check_request
 from lmforge.engine.sequence import SamplingParams
 
@@ -128,10 +128,7 @@ class ProcessEngine:
     async def shutdown(self, drain_seconds: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish (up to drain_seconds), then stop the process."""
         self._stopping = True
-        for _ in range(int(drain_seconds * 20)):
-            if not self.num_pending:
-                break
-            await asyncio.sleep(0.05)
+        await drain(self, drain_seconds)
         if self._process.is_alive():
             try:
                 self._conn.send(("stop",))
