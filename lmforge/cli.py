@@ -270,7 +270,8 @@ def _add_serve_args(sub) -> None:
     _add_model_source(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: the run's or model folder's name)")
     p.add_argument("--workers", type=int, default=None,
                    help="engine workers behind the router, each in its own process (default: on CPU one per core "
                         "while the copies of the weights fit in a quarter of memory; 1 on a GPU, give N for N GPUs)")
@@ -665,7 +666,8 @@ def cmd_serve(args) -> None:
     from lmforge.serve import build_served, run_server
 
     folder, tok_path = resolve_model_folder(args.run, args.model)
-    served = build_served(folder, tok_path, name=args.served_model_name, workers=args.workers, device=args.device,
+    name = args.served_model_name or (Path(args.run).resolve().name if args.run else None)  # a run: its name
+    served = build_served(folder, tok_path, name=name, workers=args.workers, device=args.device,
                           dtype=args.dtype, db=args.db, redis=args.redis, auth=not args.no_auth,
                           max_pending=args.max_pending, engine_process=not args.engine_in_thread,
                           max_num_seqs=args.max_num_seqs,

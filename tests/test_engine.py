@@ -781,6 +781,14 @@ def test_process_worker_frees_the_blocks_of_callers_that_leave(model, worker):
     assert generated < 10 + 3 * 4 + 3 * 4
 
 
+def test_process_worker_outlives_ctrl_c_so_the_server_can_drain(model, worker):
+    import os
+    import signal
+
+    os.kill(worker._process.pid, signal.SIGINT)  # what Ctrl-C sends the whole process group
+    assert asyncio.run(collect(worker.generate([4, 5], greedy(6)))) == reference(model, [4, 5], 6)
+
+
 def test_process_worker_refuses_bad_requests_in_the_caller(worker):
     async def main():
         with pytest.raises(LmforgeError, match="context is 64"):

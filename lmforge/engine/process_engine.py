@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing
+import signal
 from collections.abc import AsyncIterator, Callable
 
 import torch
@@ -211,6 +212,9 @@ class ProcessEngine:
 # ----------------------------------------------------------------------------- the worker's side
 
 def _worker_main(make_llm: Callable[[], LLM], conn, cpu_threads: int | None) -> None:
+    # Ctrl-C reaches the whole process group; the front process decides when the worker stops (after
+    # draining), and a front that dies outright closes the pipe, which ends this loop too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
     try:
