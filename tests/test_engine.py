@@ -790,6 +790,37 @@ def test_process_worker_frees_the_blocks_of_callers_that_leave():
     assert generated < 10 + 3 * 300
 
 
+def test_process_worker_and_a_stalled_reader_do_not_wait_on_each_other():
+    """The event loop stalls while 50 streams decode, so the worker fills the pipe and blocks writing;
+    then 200 long prompts arrive at once. Were the loop to write them itself, it would block on the
+    other pipe and neither side would read again."""
+    import threading
+    import time
+
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=64, max_position_embeddings=1024)
+    worker = ProcessEngine(functools.partial(LLM, nudged(Transformer(config)), max_num_seqs=256,
+                                             max_num_batched_tokens=2048), max_pending=1000)
+    watchdog = threading.Timer(60, worker._process.kill)  # a deadlock becomes a failure, not a hang
+    long_prompts = random_prompts([900] * 200, seed=31)
+
+    async def main():
+        decoding = [asyncio.create_task(collect(worker.generate([1, 2, 3], greedy(600, logprobs=20))))
+                    for _ in range(50)]
+        await asyncio.sleep(0.5)
+        time.sleep(0.5)  # a stall: nothing reads the worker's outputs meanwhile
+        burst = [asyncio.create_task(collect(worker.generate(p, greedy(1)))) for p in long_prompts]
+        return await asyncio.gather(*decoding, *burst)
+
+    watchdog.start()
+    try:
+        results = asyncio.run(main())
+    finally:
+        watchdog.cancel()
+        asyncio.run(worker.shutdown(drain_seconds=1))
+    assert [len(r) for r in results] == [600] * 50 + [1] * 200
+
+
 def test_process_worker_outlives_ctrl_c_so_the_server_can_drain(model, worker):
     import os
     import signal

@@ -23,13 +23,18 @@ The two processes talk over one pipe, in pickled tuples:
 
 The front process checks each request the way LLM.add_request would (llm.check_request) before
 sending it, so a bad request fails at once in the caller. The event loop reads the pipe through
-`add_reader` (no thread in between), and the worker blocks on the pipe when it has nothing to do.
-If the worker dies, every caller gets EngineError and later requests are refused.
+`add_reader` (no thread in between) and hands its writes to one sender thread, so it never blocks
+on a full pipe; the worker blocks on the pipe when it has nothing to do. If the worker dies, every
+caller gets EngineError and later requests are refused.
+
+The worker starts with multiprocessing's "spawn": a script that makes a ProcessEngine needs the
+usual `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import multiprocessing
 import signal
@@ -72,6 +77,11 @@ class ProcessEngine:
         self._embeds: dict[int, asyncio.Future] = {}
         self._ids, self._tickets = itertools.count(), itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Sends go through one thread, in order, so the event loop never blocks on a full pipe: it
+        # must stay free to read, or a worker blocked writing its outputs and a loop blocked writing
+        # new requests wait on each other for ever (seen with 500 streams and a stalled reader).
+        self._sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"lmforge-{name}-send")
+        self._closed = False
         self._stopping = False
         self.error: BaseException | None = None
 
@@ -130,12 +140,11 @@ class ProcessEngine:
         """Stop admitting, let in-flight requests finish (up to drain_seconds), then stop the process."""
         self._stopping = True
         await drain(self, drain_seconds)
-        if self._process.is_alive():
-            try:
-                self._conn.send(("stop",))
-            except OSError:
-                pass
-            await asyncio.get_running_loop().run_in_executor(None, self._process.join, 5)
+        self._send(("stop",))
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._sender.shutdown)  # every send made
+        await loop.run_in_executor(None, self._process.join, 5)
         if self._process.is_alive():
             self._process.kill()
         self._detach()
@@ -160,10 +169,14 @@ class ProcessEngine:
         self._loop = None
 
     def _send(self, message: tuple) -> None:
+        if not self._closed:  # after shutdown a late abort has nobody to go to
+            self._sender.submit(self._send_now, message)
+
+    def _send_now(self, message: tuple) -> None:
         try:
             self._conn.send(message)
-        except OSError as e:  # the worker is gone; _receive sees the closed pipe and tells the callers
-            raise EngineError(f"{self.name}: the engine process is gone ({e})") from e
+        except OSError:
+            pass  # the worker is gone: _receive sees the closed pipe and tells every caller
 
     def _receive(self) -> None:
         """Event-loop callback: the pipe has data. Hand every message to whoever waits on it."""
@@ -243,8 +256,8 @@ def _worker_main(make_llm: Callable[[], LLM], conn, cpu_threads: int | None) -> 
                     llm.abort(request_id)
                 continue
             conn.send(("out", outputs, engine_stats(llm)))
-    except (EOFError, BrokenPipeError):
-        return  # the front process is gone
+    except (EOFError, OSError):
+        return  # the front process is gone (a closed or reset pipe)
 
 
 def _handle(llm: LLM, conn, message: tuple) -> bool:
