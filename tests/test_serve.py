@@ -3,6 +3,7 @@ keys and limits, bad input, and a load test that checks the KV cache is whole af
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import socket
@@ -20,6 +21,7 @@ from conftest import REDIS_URL
 from lmforge.auth import KeyStore, MemoryRateLimiter, parse_key
 from lmforge.engine import LLM, SamplingParams
 from lmforge.engine.async_engine import AsyncEngine, Router
+from lmforge.engine.process_engine import ProcessEngine
 from lmforge.generate import generate
 from lmforge.model import ModelConfig, Transformer
 from lmforge.serve import Served, create_app
@@ -85,7 +87,9 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live(model, tokenizer, tmp_path_factory):
     keys = KeyStore(f"sqlite:///{tmp_path_factory.mktemp('db') / 'keys.db'}")
-    engine = Router([AsyncEngine(LLM(model, tokenizer, max_num_batched_tokens=64), max_pending=128)])
+    # the worker in its own process, as `lmforge serve` runs it
+    engine = Router([ProcessEngine(functools.partial(LLM, model, tokenizer, max_num_batched_tokens=64),
+                                   max_pending=128)])
     server = LiveServer(Served(engine, tokenizer, "tiny", CONTEXT, keys, MemoryRateLimiter(), ADMIN))
     yield server
     server.stop()
@@ -332,7 +336,7 @@ def _ledger(live, key) -> dict:
 
 def test_load_with_disconnects_loses_nothing_and_leaks_no_blocks(live, key):
     engine = live.served.engine.workers[0]
-    start_free = engine.llm.num_free_blocks
+    start_free = engine.stats()["free_blocks"]
     before = _ledger(live, key)
 
     async def run_all():
@@ -347,11 +351,12 @@ def test_load_with_disconnects_loses_nothing_and_leaks_no_blocks(live, key):
         chunks = [json.loads(e) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     for _ in range(100):  # aborts of the hung-up streams land within an engine step or two
-        if engine.num_pending == 0 and engine.llm.num_free_blocks == start_free:
+        if engine.num_pending == 0 and engine.stats()["free_blocks"] == start_free:
             break
         time.sleep(0.05)
-    assert engine.num_pending == 0 and not engine.llm.has_unfinished()
-    assert engine.llm.num_free_blocks == start_free
+    stats = engine.stats()  # as the worker reported it on going idle
+    assert engine.num_pending == 0 and stats["running"] == stats["waiting"] == 0
+    assert stats["free_blocks"] == start_free
     # Every request is in the ledger once, the 16 that hung up with the tokens made before they left.
     for _ in range(100):
         after = _ledger(live, key)
@@ -378,7 +383,11 @@ def test_a_client_that_leaves_a_non_streaming_request_is_still_billed(live, key)
     assert after["requests"] == before["requests"] + 1
     assert 0 < after["completion_tokens"] - before["completion_tokens"] < CONTEXT - 8  # stopped early, billed
     engine = live.served.engine.workers[0]
-    assert engine.num_pending == 0 and not engine.llm.has_unfinished()
+    for _ in range(100):
+        if engine.stats()["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert engine.num_pending == 0 and engine.stats()["running"] == engine.stats()["waiting"] == 0
 
 
 def test_engine_stream_equals_batch_generate(model, tokenizer):
