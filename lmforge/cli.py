@@ -673,7 +673,10 @@ def cmd_serve(args) -> None:
                           max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_batched_tokens,
                           kv_cache_bytes=int(args.kv_cache_gb * 2**30))
-    print(f"serving {served.model_name!r} at http://{args.host}:{args.port}/v1"
+    workers = len(served.engine.workers)
+    where = "in threads of this process" if args.engine_in_thread else "each in its own process"
+    print(f"serving {served.model_name!r} at http://{args.host}:{args.port}/v1 with {workers} engine "
+          f"worker{'s' if workers != 1 else ''} ({where})"
           + ("" if served.keys is not None else " WITHOUT API keys (--no-auth)"), flush=True)
     run_server(served, args.host, args.port)
 
