@@ -3,7 +3,8 @@
 One model folder (random weights of the given shape, or --model), loaded twice in the same run:
 by `lmforge serve` in its own process, driven over HTTP by streaming clients, and by
 `transformers`' LlamaForCausalLM (the lmforge model exported with `export_hf`), timed with
-`generate()` in this process while the server idles. Greedy, fixed lengths (ignore_eos), so
+`generate()` in this process before the server starts and after it stops; the better figure is
+the peer. Greedy, fixed lengths (ignore_eos), so
 both produce the same number of tokens.
 
 Reported per concurrency (1, 8, 32 clients, each sending requests back to back):
@@ -194,16 +195,23 @@ def main() -> None:
         for c in [int(x) for x in args.levels.split(",")]:
             r = asyncio.run(run_level(port, "bench", list(prompts), c, args.max_tokens, args.requests_per_client))
             rows.append(r)
-            print(f"c={c:>2}: {r['tokens_per_s']:8.1f} tokens/s ({r['tokens_per_s'] / hf:5.2f}x HF single), "
+            print(f"c={c:>2}: {r['tokens_per_s']:8.1f} tokens/s ({r['tokens_per_s'] / hf:5.2f}x HF so far), "
                   f"TTFT {r['ttft_ms']:7.1f} ms, TPOT {r['tpot_ms']:6.2f} ms, ITL p50 {r['itl_p50_ms']:6.2f} / "
                   f"p99 {r['itl_p99_ms']:6.2f} ms, {r['requests']} requests", flush=True)
         miss, hit = asyncio.run(prefix_ttft(port, "bench", vocab, rounds=5, prefix_len=1000))
     finally:
         server.terminate()
         server.wait(timeout=60)
+    # HF again, now: on a shared host its figure moves by up to 2x between minutes, and the best of
+    # both is the peer (the conservative choice for the ratios).
+    hf_after = hf_tokens_per_s(folder, prompts[0], args.max_tokens, repeats=3)
+    print(f"HF transformers generate(), single stream, again: {hf_after:.1f} tokens/s", flush=True)
+    hf = max(hf, hf_after)
     single = next((r for r in rows if r["concurrency"] == 1), None)
     top = next((r for r in rows if r["concurrency"] == 32), None)
-    print("\nsummary")
+    print(f"\nsummary (HF single stream: the better of its two measurements, {hf:.1f} tokens/s)")
+    for r in rows:
+        print(f"  c={r['concurrency']:>2}: {r['tokens_per_s']:8.1f} tokens/s = {r['tokens_per_s'] / hf:5.2f}x HF")
     if single:
         print(f"  single-stream decode: {single['tokens_per_s']:.1f} vs HF {hf:.1f} tokens/s = "
               f"{single['tokens_per_s'] / hf:.2f}x (target >= 3x)")
