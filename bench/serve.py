@@ -4,8 +4,7 @@ One model folder (random weights of the given shape, or --model), loaded twice i
 by `lmforge serve` in its own process, driven over HTTP by streaming clients, and by
 `transformers`' LlamaForCausalLM (the lmforge model exported with `export_hf`), timed with
 `generate()` in this process before the server starts and after it stops; the better figure is
-the peer. Greedy, fixed lengths (ignore_eos), so
-both produce the same number of tokens.
+the peer. Greedy, fixed lengths (ignore_eos), so both produce the same number of tokens.
 
 Reported per concurrency (1, 8, 32 clients, each sending requests back to back):
     TTFT      time from sending the request to the first streamed token
