@@ -334,7 +334,12 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.model_name}
+        """200 while a worker can serve (a load balancer's check), 503 once none can."""
+        workers = getattr(served.engine, "workers", [served.engine])
+        alive = sum(w.alive for w in workers)
+        body = {"status": "ok" if alive == len(workers) else "degraded" if alive else "unavailable",
+                "model": served.model_name, "workers": {"running": alive, "total": len(workers)}}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics_route(who: Caller = Depends(caller)):

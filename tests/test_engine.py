@@ -847,6 +847,8 @@ def test_a_dead_or_unloadable_worker_is_an_engine_error(model, tmp_path):
         ProcessEngine(functools.partial(LLM.from_folder, tmp_path / "missing", device="cpu"))
     engine = ProcessEngine(functools.partial(LLM, model))
 
+    live = AsyncEngine(LLM(model))
+
     async def main():
         stream = engine.generate([1, 2, 3], greedy(CTX - 3))
         await stream.__anext__()
@@ -855,9 +857,16 @@ def test_a_dead_or_unloadable_worker_is_an_engine_error(model, tmp_path):
             await collect(stream)
         with pytest.raises(EngineError, match="is gone"):
             await collect(engine.generate([1, 2], greedy(1)))
-        await engine.shutdown(drain_seconds=1)
+        assert not engine.alive and live.alive
+        both = Router([engine, live])
+        routed = [await collect(both.generate([1, 2, k], greedy(3))) for k in range(4)]  # all to the live one
+        with pytest.raises(Overloaded, match="none of the 1 engine workers is running"):
+            Router([engine]).pick([1, 2])
+        await both.shutdown(drain_seconds=1)
+        return routed
 
-    asyncio.run(main())
+    routed = asyncio.run(main())
+    assert routed == [reference(model, [1, 2, k], 3) for k in range(4)]
 
 
 def test_a_lone_sequence_on_consecutive_blocks_is_read_in_place_and_decodes_alike(model):

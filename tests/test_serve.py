@@ -466,3 +466,20 @@ def test_auto_workers_one_per_core_while_the_weights_fit(tmp_path, monkeypatch):
     assert auto_workers(tmp_path, cpu, engine_process=False) == 1  # threads share one interpreter
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 7_999}[name])
     assert auto_workers(tmp_path, cpu) == 1  # a quarter of 7,999 bytes holds one 1,000-byte copy
+
+
+def test_health_is_503_once_no_worker_can_serve(model, tokenizer):
+    worker = ProcessEngine(functools.partial(LLM, model, tokenizer))
+    server = LiveServer(Served(Router([worker]), tokenizer, "tiny", CONTEXT))
+    try:
+        assert json.loads(urllib.request.urlopen(server.url + "/health").read())["status"] == "ok"
+        worker._process.kill()
+        worker._process.join()
+        status, _, body = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(server.url + "/health")
+    finally:
+        server.stop()
+    assert health.value.code == 503
+    assert json.loads(health.value.read())["workers"] == {"running": 0, "total": 1}
+    assert status == 503 and "none of the 1 engine workers is running" in body["error"]["message"]

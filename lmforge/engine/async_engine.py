@@ -122,6 +122,10 @@ class AsyncEngine:
         return await asyncio.get_running_loop().run_in_executor(None, run)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def block_size(self) -> int:
         return self.llm.block_manager.block_size
 
@@ -172,15 +176,28 @@ class Router:
         self.workers, self.affinity_slack, self.memory = workers, affinity_slack, memory
         self._recent: OrderedDict[bytes, AsyncEngine] = OrderedDict()  # first-block hash -> worker
 
+    @property
+    def alive_workers(self) -> list:
+        return [w for w in self.workers if w.alive]
+
+    def _least_loaded(self):
+        alive = self.alive_workers
+        if not alive:  # every worker process exited (killed, out of memory): nothing can serve
+            raise Overloaded(f"none of the {len(self.workers)} engine workers is running (see the server's log); "
+                             "retry on another replica")
+        return min(alive, key=lambda w: w.num_pending)
+
     def pick(self, prompt_ids: list[int], salt: bytes = b"") -> AsyncEngine:
-        least = min(self.workers, key=lambda w: w.num_pending)
+        """The least-loaded live worker, or the live one that recently served this prompt's first
+        block while it is at most affinity_slack requests busier."""
+        least = self._least_loaded()
         block_size = least.block_size
         if len(prompt_ids) <= block_size:
             return least  # no full block: nothing a cache could hold
         key = block_hash(None, prompt_ids[:block_size], salt)
         holder = self._recent.get(key)
-        chosen = holder if holder is not None and holder.num_pending <= least.num_pending + self.affinity_slack \
-            else least
+        chosen = holder if holder is not None and holder.alive and \
+            holder.num_pending <= least.num_pending + self.affinity_slack else least
         self._recent[key] = chosen
         self._recent.move_to_end(key)
         if len(self._recent) > self.memory:
@@ -191,7 +208,7 @@ class Router:
         return self.pick(prompt_ids, kwargs.get("salt", b"")).generate(prompt_ids, params, **kwargs)
 
     async def embed(self, prompt_ids: list[int]) -> list[float]:
-        return await min(self.workers, key=lambda w: w.num_pending).embed(prompt_ids)
+        return await self._least_loaded().embed(prompt_ids)
 
     def stats(self) -> dict:
         per = [w.stats() for w in self.workers]

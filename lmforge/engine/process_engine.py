@@ -89,6 +89,10 @@ class ProcessEngine:
     def num_pending(self) -> int:
         return len(self._queues)
 
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._process.is_alive()
+
     def stats(self) -> dict:
         return dict(self._stats, pending=self.num_pending)
 
