@@ -909,7 +909,8 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
     store and limits.
 
     Each worker owns a KV pool and a step loop, by default in its own process (ProcessEngine: the
-    loop then never waits on the HTTP side's interpreter lock); with several CUDA devices
+    loop then never waits on the HTTP side's interpreter lock; a worker process that dies is
+    started again); with several CUDA devices
     (`device="cuda"`, workers > 1) worker i runs on cuda:i. engine_process=False keeps the loops in
     threads of this process, where workers on one device share the weights.
     """
@@ -940,7 +941,7 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
         dev = torch.device(f"cuda:{i}") if spread else base
         if engine_process:
             make_llm = functools.partial(worker_llm, str(folder), str(tokenizer_path), str(dev), dtype, engine_kwargs)
-            engines.append(ProcessEngine(make_llm, max_pending=max_pending, name=f"worker-{i}"))
+            engines.append(ProcessEngine(make_llm, max_pending=max_pending, name=f"worker-{i}", restart=True))
         else:
             if str(dev) not in models:
                 models[str(dev)] = load_model(folder, dev)

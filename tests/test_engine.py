@@ -821,6 +821,27 @@ def test_process_worker_and_a_stalled_reader_do_not_wait_on_each_other():
     assert [len(r) for r in results] == [600] * 50 + [1] * 200
 
 
+def test_a_worker_process_that_dies_is_started_again_when_asked(model):
+    engine = ProcessEngine(functools.partial(LLM, model), restart=True)
+
+    async def main():
+        stream = engine.generate([1, 2, 3], greedy(CTX - 3))
+        await stream.__anext__()
+        engine._process.kill()
+        with pytest.raises(EngineError, match="engine process exited"):
+            await collect(stream)  # what was in flight is lost; its caller is told
+        for _ in range(300):
+            if engine.alive:
+                break
+            await asyncio.sleep(0.1)
+        tokens = await collect(engine.generate([4, 5], greedy(6)))
+        await engine.shutdown(drain_seconds=1)
+        return tokens
+
+    assert asyncio.run(main()) == reference(model, [4, 5], 6)
+    assert engine.num_restarts == 1 and not engine._process.is_alive()
+
+
 def test_process_worker_outlives_ctrl_c_so_the_server_can_drain(model, worker):
     import os
     import signal

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import multiprocessing
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -47,31 +48,20 @@ from lmforge.engine.async_engine import EngineError, Overloaded, drain, engine_s
 from lmforge.engine.llm import LLM, RequestOutput, check_request
 from lmforge.engine.sequence import SamplingParams
 
+log = logging.getLogger(__name__)
+
 
 class ProcessEngine:
     def __init__(self, make_llm: Callable[[], LLM], *, max_pending: int = 256, name: str = "worker-0",
-                 cpu_threads: int | None = 1, start_timeout: float = 600.0):
+                 cpu_threads: int | None = 1, start_timeout: float = 600.0, restart: bool = False):
         """make_llm: a picklable callable that builds the worker's LLM in the new process (e.g. a
         functools.partial of LLM.from_folder). cpu_threads: the worker's intra-op threads on CPU,
-        one by default so the front process keeps a core for HTTP."""
-        self.max_pending, self.name = max_pending, name
-        context = multiprocessing.get_context("spawn")  # fork would copy the parent's threads' locks
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_worker_main, args=(make_llm, child, cpu_threads),
-                                        name=f"lmforge-{name}", daemon=True)
-        self._process.start()
-        child.close()
-        if not self._conn.poll(start_timeout):
-            self._process.kill()
-            raise EngineError(f"{name}: the engine process did not load its model within {start_timeout:.0f} s")
-        try:
-            kind, *facts = self._conn.recv()
-        except EOFError:
-            raise EngineError(f"{name}: the engine process exited while loading its model "
-                              f"(exit code {self._process.exitcode})") from None
-        if kind == "failed":
-            raise EngineError(f"{name}: the engine process could not load its model: {facts[0]}")
-        self.config, self.num_tokens, self.has_tokenizer, self.block_size, self._stats = facts[0]
+        one by default so the front process keeps a core for HTTP. restart: start a new worker
+        process when this one dies (after 1 s, doubling up to 60 s while it keeps dying)."""
+        self.max_pending, self.name, self.restart = max_pending, name, restart
+        self._spawn_args = (make_llm, cpu_threads, start_timeout)
+        self._conn, self._process, facts = self._spawn()
+        self.config, self.num_tokens, self.has_tokenizer, self.block_size, self._stats = facts
         self.context = self.config.max_position_embeddings
         self._queues: dict[str, asyncio.Queue] = {}
         self._embeds: dict[int, asyncio.Future] = {}
@@ -84,6 +74,29 @@ class ProcessEngine:
         self._closed = False
         self._stopping = False
         self.error: BaseException | None = None
+        self.num_restarts = 0
+        self._restarting: asyncio.Task | None = None
+
+    def _spawn(self):
+        """Start a worker process and wait for its model: (pipe, process, facts)."""
+        make_llm, cpu_threads, start_timeout = self._spawn_args
+        context = multiprocessing.get_context("spawn")  # fork would copy the parent's threads' locks
+        conn, child = context.Pipe()
+        process = context.Process(target=_worker_main, args=(make_llm, child, cpu_threads), name=f"lmforge-{self.name}",
+                                  daemon=True)
+        process.start()
+        child.close()
+        if not conn.poll(start_timeout):
+            process.kill()
+            raise EngineError(f"{self.name}: the engine process did not load its model within {start_timeout:.0f} s")
+        try:
+            kind, *facts = conn.recv()
+        except EOFError:
+            raise EngineError(f"{self.name}: the engine process exited while loading its model "
+                              f"(exit code {process.exitcode})") from None
+        if kind == "failed":
+            raise EngineError(f"{self.name}: the engine process could not load its model: {facts[0]}")
+        return conn, process, facts[0]
 
     @property
     def num_pending(self) -> int:
@@ -215,15 +228,40 @@ class ProcessEngine:
                 future.set_result(message[2])
 
     def _lost(self, cause: BaseException) -> None:
-        """The worker process died (killed, out of memory): fail everything waiting on it."""
+        """The worker process died (killed, out of memory): fail everything waiting on it, and start
+        another if asked to."""
+        self._process.join(1)
         self.error = EngineError(f"{self.name}: the engine process exited (exit code {self._process.exitcode}; "
                                  f"{type(cause).__name__})")
+        log.error("%s", self.error)
+        loop = self._loop
         self._detach()
+        self._conn.close()
         for queue in self._queues.values():
             queue.put_nowait(self.error)
         for future in self._embeds.values():
             if not future.done():
                 future.set_result(self.error)
+        if self.restart and not self._stopping and loop is not None:
+            self._restarting = loop.create_task(self._respawn())
+
+    async def _respawn(self) -> None:
+        delay = 1.0
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            try:
+                conn, process, _ = await asyncio.get_running_loop().run_in_executor(None, self._spawn)
+            except EngineError as e:
+                log.error("%s; trying again in %.0f s", e, min(2 * delay, 60.0))
+                delay = min(2 * delay, 60.0)
+                continue
+            if self._stopping:  # shut down meanwhile
+                process.kill()
+                return
+            self._conn, self._process, self.error = conn, process, None
+            self.num_restarts += 1
+            log.warning("%s: started a new engine process (restart %d)", self.name, self.num_restarts)
+            return
 
 
 # ----------------------------------------------------------------------------- the worker's side
