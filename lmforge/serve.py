@@ -203,6 +203,8 @@ def _bearer(request: Request) -> str | None:
 def create_app(served: Served) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if hasattr(served.engine, "attach"):
+            served.engine.attach()  # worker processes are watched (and restarted) from now on
         yield
         await served.engine.shutdown()  # uvicorn has let in-flight requests finish; stop the workers
 

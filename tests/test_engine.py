@@ -824,22 +824,29 @@ def test_process_worker_and_a_stalled_reader_do_not_wait_on_each_other():
 def test_a_worker_process_that_dies_is_started_again_when_asked(model):
     engine = ProcessEngine(functools.partial(LLM, model), restart=True)
 
+    async def restarted(n: int) -> None:
+        for _ in range(300):
+            if engine.num_restarts == n and engine.alive:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no restart {n}")
+
     async def main():
+        engine.attach()  # what a server does at start-up: a death is seen with no request in flight
+        engine._process.kill()
+        await restarted(1)
         stream = engine.generate([1, 2, 3], greedy(CTX - 3))
         await stream.__anext__()
         engine._process.kill()
         with pytest.raises(EngineError, match="engine process exited"):
             await collect(stream)  # what was in flight is lost; its caller is told
-        for _ in range(300):
-            if engine.alive:
-                break
-            await asyncio.sleep(0.1)
+        await restarted(2)
         tokens = await collect(engine.generate([4, 5], greedy(6)))
         await engine.shutdown(drain_seconds=1)
         return tokens
 
     assert asyncio.run(main()) == reference(model, [4, 5], 6)
-    assert engine.num_restarts == 1 and not engine._process.is_alive()
+    assert engine.num_restarts == 2 and not engine._process.is_alive()
 
 
 def test_process_worker_outlives_ctrl_c_so_the_server_can_drain(model, worker):

@@ -176,6 +176,12 @@ class Router:
         self.workers, self.affinity_slack, self.memory = workers, affinity_slack, memory
         self._recent: OrderedDict[bytes, AsyncEngine] = OrderedDict()  # first-block hash -> worker
 
+    def attach(self) -> None:
+        """Let workers that read from the event loop (ProcessEngine) start doing so: a server's start-up."""
+        for worker in self.workers:
+            if hasattr(worker, "attach"):
+                worker.attach()
+
     @property
     def alive_workers(self) -> list:
         return [w for w in self.workers if w.alive]

@@ -174,8 +174,13 @@ class ProcessEngine:
             raise Overloaded("the server is shutting down; retry on another replica")
         if self.num_pending >= self.max_pending:
             raise Overloaded(f"{self.num_pending} requests in flight (the limit is {self.max_pending}); retry shortly")
+        self.attach()
+
+    def attach(self) -> None:
+        """Read the worker's pipe from the running event loop. The first request does it; a server
+        does it at start-up, so that a worker's death is seen (and it restarts) with no request."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # the first request, or a new event loop (tests run several)
+        if loop is not self._loop and self.error is None:  # the first call, or a new loop (tests run several)
             self._detach()
             loop.add_reader(self._conn.fileno(), self._receive)
             self._loop = loop
@@ -231,6 +236,9 @@ class ProcessEngine:
         """The worker process died (killed, out of memory): fail everything waiting on it, and start
         another if asked to."""
         self._process.join(1)
+        if self._stopping and not self._queues:  # the "stop" it was sent at shutdown
+            self._detach()
+            return
         self.error = EngineError(f"{self.name}: the engine process exited (exit code {self._process.exitcode}; "
                                  f"{type(cause).__name__})")
         log.error("%s", self.error)
@@ -261,6 +269,7 @@ class ProcessEngine:
             self._conn, self._process, self.error = conn, process, None
             self.num_restarts += 1
             log.warning("%s: started a new engine process (restart %d)", self.name, self.num_restarts)
+            self.attach()
             return
 
 
