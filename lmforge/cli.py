@@ -674,7 +674,8 @@ def cmd_serve(args) -> None:
                           max_num_batched_tokens=args.max_batched_tokens,
                           kv_cache_bytes=int(args.kv_cache_gb * 2**30))
     workers = len(served.engine.workers)
-    where = "in threads of this process" if args.engine_in_thread else "each in its own process"
+    where = ("each in its own process" if not args.engine_in_thread else
+             "in a thread of this process" if workers == 1 else "in threads of this process")
     print(f"serving {served.model_name!r} at http://{args.host}:{args.port}/v1 with {workers} engine "
           f"worker{'s' if workers != 1 else ''} ({where})"
           + ("" if served.keys is not None else " WITHOUT API keys (--no-auth)"), flush=True)
