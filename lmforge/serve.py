@@ -912,9 +912,9 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
 
     Each worker owns a KV pool and a step loop, by default in its own process (ProcessEngine: the
     loop then never waits on the HTTP side's interpreter lock; a worker process that dies is
-    started again); with several CUDA devices
-    (`device="cuda"`, workers > 1) worker i runs on cuda:i. engine_process=False keeps the loops in
-    threads of this process, where workers on one device share the weights.
+    started again). With several CUDA devices (`device="cuda"`, workers > 1) worker i runs on
+    cuda:i. engine_process=False keeps the loops in threads of this process, where workers on one
+    device share the weights.
     """
     import functools
     from pathlib import Path
