@@ -916,6 +916,7 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
     cuda:i. engine_process=False keeps the loops in threads of this process, where workers on one
     device share the weights.
     """
+    import concurrent.futures
     import functools
     from pathlib import Path
 
@@ -937,14 +938,19 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
         raise LmforgeError(f"--workers {workers} on CUDA needs {workers} GPUs; this machine has "
                            f"{torch.cuda.device_count()}")
     tokenizer = load_tokenizer(tokenizer_path)
-    models: dict[str, torch.nn.Module] = {}
-    engines = []
-    for i in range(workers):
-        dev = torch.device(f"cuda:{i}") if spread else base
-        if engine_process:
-            make_llm = functools.partial(worker_llm, str(folder), str(tokenizer_path), str(dev), dtype, engine_kwargs)
-            engines.append(ProcessEngine(make_llm, max_pending=max_pending, name=f"worker-{i}", restart=True))
-        else:
+    devices = [torch.device(f"cuda:{i}") if spread else base for i in range(workers)]
+    if engine_process:
+        def start(i: int) -> ProcessEngine:
+            make_llm = functools.partial(worker_llm, str(folder), str(tokenizer_path), str(devices[i]), dtype,
+                                         engine_kwargs)
+            return ProcessEngine(make_llm, max_pending=max_pending, name=f"worker-{i}", restart=True)
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # they load their models side by side
+            engines = list(pool.map(start, range(workers)))
+    else:
+        models: dict[str, torch.nn.Module] = {}  # one copy of the weights per device, shared by its threads
+        engines = []
+        for i, dev in enumerate(devices):
             if str(dev) not in models:
                 models[str(dev)] = load_model(folder, dev)
             llm = worker_llm(folder, tokenizer, dev, dtype, engine_kwargs, model=models[str(dev)])
