@@ -974,12 +974,14 @@ def worker_llm(folder, tokenizer, device, dtype: str, engine_kwargs: dict, model
     from lmforge.checkpoint import load_model
     from lmforge.common import resolve_dtype
     from lmforge.engine import LLM
+    from lmforge.engine.fuse import fuse_projections
     from lmforge.tokenizer import load_tokenizer
 
     device = torch.device(device)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-    model = model if model is not None else load_model(folder, device)
+    if model is None:  # the worker's own copy: merge its projections (engine/fuse.py)
+        model = fuse_projections(load_model(folder, device))
     return LLM(model, tokenizer, device=device, dtype=resolve_dtype(dtype, device, decoding=True),
                **engine_kwargs)
 

@@ -2,6 +2,7 @@
 pool and prefix cache against their invariants; the sampler against its definitions; the async face."""
 
 import asyncio
+import copy
 import functools
 import math
 import random
@@ -12,6 +13,7 @@ import torch
 from lmforge.common import LmforgeError
 from lmforge.engine import LLM, Completion, SamplingParams
 from lmforge.engine.async_engine import AsyncEngine, EngineError, Overloaded, Router
+from lmforge.engine.fuse import fuse_projections
 from lmforge.engine.process_engine import ProcessEngine
 from lmforge.engine.sampler import apply_penalties
 from lmforge.engine.sequence import Sequence
@@ -905,3 +907,27 @@ def test_a_lone_sequence_on_consecutive_blocks_is_read_in_place_and_decodes_alik
     again = llm.generate([prompt], greedy(20))[0][0].token_ids  # the prompt's 2 full blocks come from
     assert llm.runner.cache.decode_span is None  # the cache, the rest from later blocks: gathered
     assert first == again == reference(model, prompt, 20)
+
+
+# ----------------------------------------------------------------------------- merged projections
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2, "qkv_bias": True, "mlp_bias": True},
+                                       {"qk_norm": True, "model_type": "qwen3"}])
+def test_merged_projections_give_the_same_logits_and_tokens(overrides):
+    config = ModelConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, intermediate_size=64, max_position_embeddings=CTX),
+                            **overrides})
+    model = nudged(Transformer(config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)  # biases start at 0, which would hide a bias left out of the merge
+    fused = fuse_projections(copy.deepcopy(model))
+    ids = torch.tensor(random_prompts([20, 20], seed=32))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), model(ids), atol=1e-5, rtol=1e-5)
+    prompts = random_prompts([7, 12], seed=33)
+    assert [o[0].token_ids for o in LLM(fused).generate(prompts, greedy(12))] == \
+        [reference(model, p, 12) for p in prompts]
+    attn = fused.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()  # views into the merged weight

@@ -8,6 +8,7 @@
     llm.py            LLM: add_request / step / abort, and generate for offline use
     async_engine.py   AsyncEngine: the step loop in a thread, streamed to asyncio; Router over workers
     process_engine.py ProcessEngine: AsyncEngine's face with the step loop in its own process
+    fuse.py           fuse_projections: q/k/v and gate/up as one matmul each, for inference
 """
 
 from lmforge.engine.llm import LLM, Completion, RequestOutput

@@ -110,13 +110,15 @@ class LLM:
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None,
                     **kwargs) -> LLM:
-        """An engine over a model folder (or run folder) with its tokenizer."""
+        """An engine over a model folder (or run folder) with its tokenizer. The model is the
+        engine's own, so its projections are merged for speed (engine/fuse.py)."""
         from lmforge.checkpoint import load_model
+        from lmforge.engine.fuse import fuse_projections
         from lmforge.tokenizer import load_tokenizer
 
         folder = Path(folder)
         device = get_device(device)
-        model = load_model(folder, device, dtype)
+        model = fuse_projections(load_model(folder, device, dtype))
         return cls(model, load_tokenizer(folder / "tokenizer.json"), device=device, **kwargs)
 
     # ------------------------------------------------------------------------- requests
