@@ -541,13 +541,10 @@ return tostring(tonumber(oldest[2]) + window - now)
 """
 
 # Token entries are members "<tokens>:<reservation>" scored by time, so equal counts stay distinct.
-_LUA_TOKEN_TOTAL = """
+_LUA_RESERVE_TOKENS = _LUA_NOW + """
 local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local total = 0
 for i = 1, #entries, 2 do total = total + tonumber(string.match(entries[i], '^(%d+):')) end
-"""
-
-_LUA_RESERVE_TOKENS = _LUA_NOW + _LUA_TOKEN_TOTAL + """
 local limit, n = tonumber(ARGV[3]), tonumber(ARGV[4])
 if total + n <= limit or #entries == 0 then
   redis.call('ZADD', KEYS[1], now, ARGV[4] .. ':' .. ARGV[5])

@@ -203,8 +203,7 @@ def _bearer(request: Request) -> str | None:
 def create_app(served: Served) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if hasattr(served.engine, "attach"):
-            served.engine.attach()  # worker processes are watched (and restarted) from now on
+        served.engine.attach()  # worker processes are watched (and restarted) from now on
         yield
         await served.engine.shutdown()  # uvicorn has let in-flight requests finish; stop the workers
 
@@ -663,7 +662,6 @@ async def _respond(served, request, who, body, prompts, params, request_id, shap
                 break  # nobody is listening: stop generating
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await stream.aclose()
             await account(who, request_id, shaper.usage(), ledger=False)  # refused or failed: not billed
         raise
     finally:

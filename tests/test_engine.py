@@ -40,10 +40,10 @@ def nudged(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def llama(num_key_value_heads: int = 4, sliding_window: int | None = None, vocab_size: int = VOCAB,
-          seed: int = 0) -> Transformer:
+          seed: int = 0, context: int = CTX) -> Transformer:
     config = ModelConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=num_key_value_heads, intermediate_size=64,
-                         max_position_embeddings=CTX, sliding_window=sliding_window)
+                         max_position_embeddings=context, sliding_window=sliding_window)
     return nudged(Transformer(config), seed)
 
 
@@ -761,9 +761,7 @@ def test_process_worker_streams_equal_llm_generate(model, worker):
 
 
 def test_process_worker_frees_the_blocks_of_callers_that_leave():
-    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, intermediate_size=64, max_position_embeddings=1024)
-    model = nudged(Transformer(config))
+    model = llama(context=1024)
     prompts = random_prompts([5, 11, 7, 13], seed=29)
 
     async def leave_after(prompt, n):
@@ -799,9 +797,7 @@ def test_process_worker_and_a_stalled_reader_do_not_wait_on_each_other():
     import threading
     import time
 
-    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, intermediate_size=64, max_position_embeddings=1024)
-    worker = ProcessEngine(functools.partial(LLM, nudged(Transformer(config)), max_num_seqs=256,
+    worker = ProcessEngine(functools.partial(LLM, llama(context=1024), max_num_seqs=256,
                                              max_num_batched_tokens=2048), max_pending=1000)
     watchdog = threading.Timer(60, worker._process.kill)  # a deadlock becomes a failure, not a hang
     long_prompts = random_prompts([900] * 200, seed=31)

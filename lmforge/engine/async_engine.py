@@ -121,6 +121,10 @@ class AsyncEngine:
 
         return await asyncio.get_running_loop().run_in_executor(None, run)
 
+    def attach(self) -> None:
+        """Nothing to do: the step loop's thread hands outputs to whichever loop each caller runs on
+        (ProcessEngine.attach is where this matters)."""
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -179,8 +183,7 @@ class Router:
     def attach(self) -> None:
         """Let workers that read from the event loop (ProcessEngine) start doing so: a server's start-up."""
         for worker in self.workers:
-            if hasattr(worker, "attach"):
-                worker.attach()
+            worker.attach()
 
     @property
     def alive_workers(self) -> list:

@@ -64,7 +64,7 @@ class PagedKVCache:
         if decode:
             rows, lengths, tables = zip(*decode)
             width = -(-max(lengths) // bs)
-            padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]  # (Bd, blocks); padding is masked
+            padded = [(t + [0] * width)[:width] for t in tables]  # (Bd, blocks); padding is masked
             key_pos = torch.arange(width * bs)  # (S_max,), whole blocks
             lengths = torch.tensor(lengths)
             mask = key_pos < lengths[:, None]  # (Bd, S_max)
