@@ -77,7 +77,7 @@ def main():
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 (default: the training default here)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time lmforge under torch.compile")
     args = p.parse_args()
 

@@ -170,3 +170,24 @@ def test_sequence_longer_than_context_raises():
         model(torch.zeros(1, CTX - 2, dtype=torch.long), kv_cache=cache)
         with pytest.raises(LmforgeError, match="context"):  # cached tokens count toward the context
             model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+
+
+def test_bf16_on_cpu_trains_close_to_fp32():
+    # Under bf16 autocast, and with bf16 weights, CPU attention runs in fp32 (model.Attention.forward):
+    # the loss and gradients stay within bf16 rounding of the fp32 model's.
+    model = tiny_model()
+    ids, targets = random_ids(2, 16, seed=1), random_ids(2, 16, seed=2)
+    ref = model(ids, targets)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=0.1, atol=2e-3)
+    bf16_model = tiny_model().to(torch.bfloat16)
+    loss = bf16_model(ids, targets)
+    loss.backward()
+    torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)
+    assert all(p.grad.dtype == torch.bfloat16 for p in bf16_model.parameters())

@@ -32,6 +32,24 @@ def test_linear_cross_entropy_without_grad_gives_the_loss_only():
     torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets, ignore_index=-1))
 
 
+def test_linear_cross_entropy_under_bf16_autocast_reuses_its_scratch_across_shapes():
+    # The matmuls run in bf16 like nn.Linear under autocast; the CPU scratch buffers grow and are reused.
+    torch.manual_seed(0)
+    for N, D, V in [(6, 8, 11), (40, 8, 29), (9, 8, 5)]:
+        hidden = torch.randn(N, D, requires_grad=True)
+        weight = torch.randn(V, D, requires_grad=True)
+        targets = torch.randint(0, V, (N,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = F.cross_entropy((hidden @ weight.T).float(), targets)
+            loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+        ref_gh, ref_gw = torch.autograd.grad(ref, (hidden, weight))
+        gh, gw = torch.autograd.grad(loss, (hidden, weight))
+        assert gh.dtype == gw.dtype == torch.float32
+        torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gh, ref_gh, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(gw, ref_gw, rtol=2e-2, atol=2e-3)
+
+
 def test_rotary_matches_rotate_half_and_its_gradient():
     # Reference: Hugging Face Llama's x * cos + rotate_half(x) * sin with full-width tables.
     torch.manual_seed(0)
