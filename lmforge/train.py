@@ -118,7 +118,7 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False) -> dict:
     model.init_weights(seed=cfg.seed)
     model.to(device)
     optimizers = build_optimizers(model, name=cfg.optimizer, lr=cfg.lr, matrix_lr=cfg.matrix_lr,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, dtype=dtype)
     loader = DataLoader(TokenStream(cfg.data_dir, "train"), cfg.batch_size, cfg.seq_len, seed=cfg.seed,
                         rank=ddp.rank, world_size=ddp.world_size, device=device)
     val_tokens = TokenStream(cfg.data_dir, "val").all()
