@@ -45,13 +45,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_grads else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grads else None
         loss = torch.zeros((), device=device, dtype=torch.float32)
+        V = weight.size(0)
         with torch.autocast(device.type, enabled=False):
             hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
             for start in range(0, hidden.size(0), chunk_rows):
                 h, t = hidden_c[start:start + chunk_rows], targets[start:start + chunk_rows]
                 keep = valid[start:start + chunk_rows]
                 t_safe = t.clamp(min=0).unsqueeze(1)  # (c, 1)
-                c, V = h.size(0), weight.size(0)
+                c = h.size(0)
                 logits = _scratch("fp32", c, V, torch.float32, device)
                 if dtype == torch.float32:
                     torch.mm(h, weight_c.T, out=logits)

@@ -260,8 +260,8 @@ class ProcessEngine:
             try:
                 conn, process, _ = await asyncio.get_running_loop().run_in_executor(None, self._spawn)
             except EngineError as e:
-                log.error("%s; trying again in %.0f s", e, min(2 * delay, 60.0))
                 delay = min(2 * delay, 60.0)
+                log.error("%s; trying again in %.0f s", e, delay)
                 continue
             if self._stopping:  # shut down meanwhile
                 process.kill()
