@@ -927,3 +927,70 @@ def test_merged_projections_give_the_same_logits_and_tokens(overrides):
         [reference(model, p, 12) for p in prompts]
     attn = fused.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()  # views into the merged weight
+
+
+# ----------------------------------------------------------------------------- the CPU decode kernel
+
+def kernel_or_skip():
+    from lmforge.engine.cpu_decode import load_kernel
+
+    if load_kernel() is None:
+        pytest.skip("the C++ decode kernel did not build here (no compiler or ninja); the eager path serves")
+
+
+def biased(model: Transformer) -> Transformer:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3)  # biases start at 0, which would hide one the kernel leaves out
+    return model
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"num_key_value_heads": 1},  # grouped-query attention: 4 query heads on one key/value head
+    {"num_key_value_heads": 2, "sliding_window": 6},
+    {"num_key_value_heads": 2, "qkv_bias": True, "o_proj_bias": True, "mlp_bias": True},
+    {"qk_norm": True, "model_type": "qwen3", "head_dim": 16},  # QK-norm; heads wider than width / heads
+])
+def test_cpu_kernel_decodes_as_the_eager_model(overrides):
+    """Every all-decode step of a fused fp32 model on CPU goes through the C++ kernel: its logits match
+    the eager path over the same paged cache, and greedy tokens match plain generation, for a mixed
+    batch whose sequences sit on scattered blocks (block size 4, prompts chunked under budget 12)."""
+    kernel_or_skip()
+    config = ModelConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, intermediate_size=64, max_position_embeddings=CTX),
+                            **overrides})
+    model = biased(nudged(Transformer(config), seed=7))
+    llm = LLM(fuse_projections(copy.deepcopy(model)), block_size=4, max_num_batched_tokens=12)
+    assert llm.runner.decoder is not None
+    prompts = random_prompts(MIXED_LENGTHS, seed=8)
+    outs = run(llm, prompts, greedy(30))
+    assert [o.token_ids for o in outs] == [reference(model, p, 30) for p in prompts]
+
+    # One decode step of three sequences, kernel and eager, from the same cache contents.
+    ids = [llm.add_request(p, greedy(20)) for p in random_prompts([9, 3, 14], seed=9)]
+    seqs = [s for rid in ids for s in llm._requests[rid]]
+    while any(len(s.output_ids) < 2 for s in seqs):
+        llm.step()
+    batch = llm.scheduler.schedule()  # allocates the slots the new tokens go to
+    assert sorted(s.seq_id for s, _ in batch) == sorted(s.seq_id for s in seqs) and {n for _, n in batch} == {1}
+    keys, values = llm.runner.cache.k.clone(), llm.runner.cache.v.clone()
+    fast = llm.runner.run(batch, [0, 1, 2])
+    written = llm.runner.cache.k.clone(), llm.runner.cache.v.clone()
+    llm.runner.cache.k.copy_(keys), llm.runner.cache.v.copy_(values)
+    decoder, llm.runner.decoder = llm.runner.decoder, None
+    eager = llm.runner.run(batch, [0, 1, 2])
+    llm.runner.decoder = decoder
+    torch.testing.assert_close(fast, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(written, (llm.runner.cache.k, llm.runner.cache.v), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernel_is_only_for_models_the_engine_owns(model):
+    """A model handed to LLM as it is (RL samples from the policy it is training) keeps the eager path,
+    which reads the current weights at every step; the kernel holds the weights it was given."""
+    kernel_or_skip()
+    assert LLM(model).runner.decoder is None
+    assert LLM(fuse_projections(copy.deepcopy(model))).runner.decoder is not None
+    assert LLM(fuse_projections(copy.deepcopy(model)), dtype=torch.bfloat16).runner.decoder is None
+    assert LLM(fuse_projections(gpt2())).runner.decoder is None

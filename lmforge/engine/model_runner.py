@@ -16,12 +16,31 @@ K key/value heads, H query heads, Hd head_dim, V vocab_size.
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 import torch.nn.functional as F
 
 from lmforge.common import autocast, kv_cache_dtype
+from lmforge.engine.cpu_decode import CpuDecoder
 from lmforge.engine.sequence import Sequence
 from lmforge.model import causal_attention
+
+
+def _pool(shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    """A zeroed pool; on Linux CPUs asked onto transparent huge pages before its first touch. A decode
+    step reads every sequence's blocks, scattered over the pool, and with 4 KiB pages each block
+    starts with a TLB miss and a cold prefetcher."""
+    pool = torch.empty(shape, device=device, dtype=dtype)
+    if pool.device.type == "cpu" and sys.platform == "linux":
+        page = 2 << 20
+        start = -(-pool.data_ptr() // page) * page
+        end = (pool.data_ptr() + pool.nbytes) // page * page
+        if end > start:
+            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                                      14)  # MADV_HUGEPAGE; refused or not, the pool works
+    return pool.zero_()
 
 
 class PagedKVCache:
@@ -29,8 +48,8 @@ class PagedKVCache:
 
     def __init__(self, config, num_blocks: int, block_size: int, device, dtype):
         shape = (config.num_hidden_layers, num_blocks * block_size, config.num_key_value_heads, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = _pool(shape, device, dtype)
+        self.v = _pool(shape, device, dtype)
         self.block_size = block_size
         self.window = getattr(config, "sliding_window", None)
         self.device = device
@@ -135,11 +154,16 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype):
         self.model, self.device, self.dtype = model, device, dtype
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, device, kv_cache_dtype(model, dtype))
+        kv_dtype = kv_cache_dtype(model, dtype)
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, device, kv_dtype)
+        # On CPU, steps where every sequence adds one token go through one C++ call (cpu_decode.py).
+        self.decoder = CpuDecoder.for_model(model, kv_dtype) if dtype == torch.float32 else None
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], logit_rows: list[int]) -> torch.Tensor:
         """Compute the batch's new tokens into the cache; return fp32 logits (len(logit_rows), V)."""
+        if self.decoder is not None and all(n == 1 and seq.num_computed > 0 for seq, n in batch):
+            return self._decode(batch, logit_rows)
         ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed:seq.num_computed + n]]
         self.cache.prepare(batch)
         input_ids = torch.tensor([ids], device=self.device)  # (1, N)
@@ -147,6 +171,22 @@ class ModelRunner:
         with autocast(self.device, self.dtype):
             logits = self.model(input_ids, kv_cache=self.cache, logits_at=rows)  # (1, n, V)
         return logits[0].float()
+
+    def _decode(self, batch: list[tuple[Sequence, int]], logit_rows: list[int]) -> torch.Tensor:
+        """An all-decode step through the C++ kernel: each sequence's one new token, logits for all."""
+        bs = self.cache.block_size
+        tokens, positions, slots, tables = [], [], [], []
+        for seq, _ in batch:
+            p, table = seq.num_computed, seq.block_table
+            tokens.append(seq.token_ids[p])
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            tables.append(table)
+        width = max(map(len, tables))
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # (B, W); padding is never read
+        logits = self.decoder.step(torch.tensor(tokens), torch.tensor(positions), tables, torch.tensor(slots),
+                                   self.cache.k, self.cache.v, bs)  # (B, V)
+        return logits if len(logit_rows) == len(batch) else logits[logit_rows]
 
     @torch.inference_mode()
     def embed(self, ids: list[int]) -> torch.Tensor:

@@ -1,0 +1,272 @@
+// One decode step of a Llama-family model on CPU, for a batch of sequences that each add one token,
+// reading and writing the engine's paged KV cache: engine/cpu_decode.py builds and drives it.
+//
+// Why C++: at serving sizes a decode step is a few hundred small ops, and on CPU PyTorch's eager
+// dispatch of each (Python binding, dispatcher, a fresh output tensor) costs more than its maths.
+// Here the matmuls stay ATen calls (MKL/oneDNN, into buffers kept between steps) and everything
+// between them is one pass of plain loops: RMSNorm, QK-norm, rotary, the cache write, paged
+// attention straight off the block table (no gather into a padded batch), SwiGLU, the residuals.
+//
+// Numerics follow model.py in fp32: RMSNorm as weight * (x * rsqrt(mean(x^2) + eps)), rotary in
+// the "rotate half" layout, softmax attention scaled by 1/sqrt(Hd) over keys max(0, n - window) ..
+// n - 1. Sums run in a different order than PyTorch's kernels, so logits agree to ~1e-6, not bitwise.
+//
+// Shape legend: B sequences, D hidden, H query heads, K key/value heads, G = H / K, Hd head_dim,
+// I intermediate, V vocab, L layers; pools are (L, slots, K, Hd) with slot = block * block_size + offset.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// e^x in a form the compiler vectorises (libm's expf is a call per element): e^x = 2^n e^r with
+// n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for precision, Cody & Waite), e^r by Cephes'
+// expf polynomial; about 1 ulp on the range used here, which is what PyTorch's vectorised exp gives.
+inline float exp_approx(float x) {
+  x = std::min(88.7f, std::max(-87.3f, x));  // e^x stays a normal float
+  const float t = x * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t + (t >= 0.f ? 0.5f : -0.5f));
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// out = w * (x * rsqrt(mean(x^2) + eps)), one row of n.
+inline void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) {
+  const float r = 1.f / std::sqrt(dot(x, x, n) / n + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in place on one head of 2 * half.
+inline void rotate(float* x, const float* cos, const float* sin, int64_t half) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+// y (B, N) = x (B, Din) @ w (N, Din)^T + b
+void linear(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, at::Tensor& y) {
+  if (b) at::addmm_out(y, *b, x, w.t());
+  else at::mm_out(y, x, w.t());
+}
+
+struct Layer {
+  at::Tensor input_norm, qkv_w, o_w, post_norm, gate_up_w, down_w;
+  OptTensor qkv_b, q_norm, k_norm, o_b, gate_up_b, down_b;
+};
+
+class CpuDecoder {
+ public:
+  CpuDecoder(at::Tensor embed, at::Tensor norm, at::Tensor lm_head, at::Tensor cos, at::Tensor sin,
+             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+             int64_t window)
+      : embed_(embed), norm_(norm), lm_head_(lm_head), cos_(cos), sin_(sin), H_(num_heads), K_(num_kv_heads),
+        Hd_(head_dim), I_(intermediate), eps_(static_cast<float>(eps)), window_(window) {
+    D_ = embed.size(1);
+  }
+
+  void add_layer(at::Tensor input_norm, at::Tensor qkv_w, OptTensor qkv_b, OptTensor q_norm, OptTensor k_norm,
+                 at::Tensor o_w, OptTensor o_b, at::Tensor post_norm, at::Tensor gate_up_w, OptTensor gate_up_b,
+                 at::Tensor down_w, OptTensor down_b) {
+    layers_.push_back({input_norm, qkv_w, o_w, post_norm, gate_up_w, down_w, qkv_b, q_norm, k_norm, o_b, gate_up_b,
+                       down_b});
+  }
+
+  // tokens (B,) new token ids at positions (B,); tables (B, W) each sequence's blocks (padding past its
+  // length is never read); slots (B,) where each new key/value goes. k_pool, v_pool (L, slots, K, Hd)
+  // are written in place. Returns logits (B, V).
+  at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& tables,
+                  const at::Tensor& slots, at::Tensor& k_pool, at::Tensor& v_pool, int64_t block_size) {
+    pybind11::gil_scoped_release no_gil;
+    at::NoGradGuard no_grad;
+    const int64_t B = tokens.size(0), D = D_, H = H_, K = K_, Hd = Hd_, half = Hd_ / 2;
+    const int64_t qkv_width = (H + 2 * K) * Hd, width = tables.size(1), num_slots = k_pool.size(1);
+    reserve(B);
+    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* tab = tables.data_ptr<int64_t>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    float* x = x_.data_ptr<float>();
+    float* h = h_.data_ptr<float>();
+    const float* emb = embed_.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) std::copy_n(emb + tok[b] * D, D, x + b * D);
+
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      const float* w_in = L.input_norm.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) rms_norm(x + b * D, w_in, eps_, D, h + b * D);
+      linear(h_, L.qkv_w, L.qkv_b, qkv_);  // (B, (H + 2K) Hd): q heads, then k heads, then v heads
+
+      // QK-norm and rotary on every head, and the new key/value into the pool.
+      float* qkv = qkv_.data_ptr<float>();
+      float* kp = k_pool[l].data_ptr<float>();
+      float* vp = v_pool[l].data_ptr<float>();
+      const float* qn = L.q_norm ? L.q_norm->data_ptr<float>() : nullptr;
+      const float* kn = L.k_norm ? L.k_norm->data_ptr<float>() : nullptr;
+      for (int64_t b = 0; b < B; ++b) {
+        float* row = qkv + b * qkv_width;
+        const float* c = cos_.data_ptr<float>() + pos[b] * half;
+        const float* s = sin_.data_ptr<float>() + pos[b] * half;
+        for (int64_t head = 0; head < H + K; ++head) {
+          float* v = row + head * Hd;
+          const float* w = head < H ? qn : kn;
+          if (w) rms_norm(v, w, eps_, Hd, v);
+          rotate(v, c, s, half);
+        }
+        TORCH_CHECK(slot[b] >= 0 && slot[b] < num_slots, "cpu_decode: slot out of range");
+        std::copy_n(row + H * Hd, K * Hd, kp + slot[b] * K * Hd);
+        std::copy_n(row + (H + K) * Hd, K * Hd, vp + slot[b] * K * Hd);
+      }
+
+      attend(B, qkv, kp, vp, pos, tab, width, block_size);
+      linear(attn_, L.o_w, L.o_b, h_);
+      x_.add_(h_);
+
+      const float* w_post = L.post_norm.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) rms_norm(x + b * D, w_post, eps_, D, h + b * D);
+      linear(h_, L.gate_up_w, L.gate_up_b, gate_up_);  // (B, 2I): gate, then up
+      const float* gu = gate_up_.data_ptr<float>();
+      float* act = act_.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        const float* g = gu + b * 2 * I_;
+        const float* u = g + I_;
+        float* a = act + b * I_;
+#pragma omp simd
+        for (int64_t i = 0; i < I_; ++i) a[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];  // SwiGLU: silu(g) * u
+      }
+      linear(act_, L.down_w, L.down_b, h_);
+      x_.add_(h_);
+    }
+    const float* w_norm = norm_.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) rms_norm(x + b * D, w_norm, eps_, D, h + b * D);
+    return at::mm(h_, lm_head_.t());  // (B, V), a fresh tensor: the caller keeps it
+  }
+
+ private:
+  void reserve(int64_t B) {
+    if (x_.defined() && x_.size(0) == B) return;
+    auto f = at::TensorOptions().dtype(at::kFloat);
+    x_ = at::empty({B, D_}, f);
+    h_ = at::empty({B, D_}, f);
+    qkv_ = at::empty({B, (H_ + 2 * K_) * Hd_}, f);
+    attn_ = at::empty({B, H_ * Hd_}, f);
+    gate_up_ = at::empty({B, 2 * I_}, f);
+    act_ = at::empty({B, I_}, f);
+  }
+
+  // attn_ (B, H Hd): each query head over its sequence's cached keys, read through the block table.
+  // One task per sequence walks its blocks in order: a block's slots are adjacent, each slot holding all
+  // K heads (K Hd floats), so the reads are sequential within a block. Walking one key/value head at a
+  // time over the same slots (strided reads) took twice as long at 32 sequences; prefetching the next
+  // block by hand gained nothing measurable (the pool sits on huge pages, see model_runner._pool).
+  void attend(int64_t B, const float* qkv, const float* kp, const float* vp, const int64_t* pos,
+              const int64_t* tab, int64_t width, int64_t block_size) {
+    const int64_t H = H_, K = K_, Hd = Hd_, G = H_ / K_, qkv_width = (H_ + 2 * K_) * Hd_, stride = K_ * Hd_;
+    const float scale = 1.f / std::sqrt(static_cast<float>(Hd));
+    float* out = attn_.data_ptr<float>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;  // (H, span)
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n = pos[b] + 1, first = window_ > 0 ? std::max<int64_t>(0, n - window_) : 0, span = n - first;
+        const int64_t* table = tab + b * width;
+        const float* q = qkv + b * qkv_width;  // (H, Hd); query head h reads key/value head h / G
+        float* o = out + b * H * Hd;  // (H, Hd)
+        scores.resize(H * span);
+        // Calls f(j, slot, count) for each run of count adjacent slots (a block's part in first .. n-1),
+        // slot pointing at the first one's K Hd floats, j its index from first.
+        auto walk = [&](const float* pool, auto&& f) {
+          for (int64_t j = first; j < n;) {
+            const int64_t block = j / block_size, offset = j % block_size, count = std::min(n, (block + 1) * block_size) - j;
+            f(j - first, pool + (table[block] * block_size + offset) * stride, count);
+            j += count;
+          }
+        };
+        walk(kp, [&](int64_t j, const float* key, int64_t count) {
+          for (int64_t t = 0; t < count; ++t, key += stride)
+            for (int64_t h = 0; h < H; ++h) scores[h * span + j + t] = dot(q + h * Hd, key + (h / G) * Hd, Hd) * scale;
+        });
+        for (int64_t h = 0; h < H; ++h) {  // softmax over each head's row
+          float* sc = scores.data() + h * span;
+          float m = sc[0];
+          for (int64_t j = 1; j < span; ++j) m = std::max(m, sc[j]);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < span; ++j) {
+            sc[j] = exp_approx(sc[j] - m);
+            sum += sc[j];
+          }
+          const float inv = 1.f / sum;
+#pragma omp simd
+          for (int64_t j = 0; j < span; ++j) sc[j] *= inv;
+        }
+        std::fill_n(o, H * Hd, 0.f);
+        // Per head, four slots' values at a time: o is read and written once per four slots, not once a
+        // slot (a chain through memory, load after store, that cost a quarter of the step).
+        walk(vp, [&](int64_t j, const float* val, int64_t count) {
+          for (int64_t h = 0; h < H; ++h) {
+            const float* p = scores.data() + h * span + j;
+            const float* v = val + (h / G) * Hd;
+            float* oh = o + h * Hd;
+            int64_t t = 0;
+            for (; t + 4 <= count; t += 4, v += 4 * stride) {
+              const float p0 = p[t], p1 = p[t + 1], p2 = p[t + 2], p3 = p[t + 3];
+              const float *v0 = v, *v1 = v + stride, *v2 = v + 2 * stride, *v3 = v + 3 * stride;
+#pragma omp simd
+              for (int64_t i = 0; i < Hd; ++i) oh[i] += (p0 * v0[i] + p1 * v1[i]) + (p2 * v2[i] + p3 * v3[i]);
+            }
+            for (; t < count; ++t, v += stride) {
+              const float pt = p[t];
+#pragma omp simd
+              for (int64_t i = 0; i < Hd; ++i) oh[i] += pt * v[i];
+            }
+          }
+        });
+      }
+    });
+  }
+
+  at::Tensor embed_, norm_, lm_head_, cos_, sin_;
+  int64_t H_, K_, Hd_, I_, D_;
+  float eps_;
+  int64_t window_;  // 0: none
+  std::vector<Layer> layers_;
+  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_;  // per-step buffers, kept while B stays the same
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<CpuDecoder>(m, "CpuDecoder")
+      .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t,
+                          int64_t, double, int64_t>())
+      .def("add_layer", &CpuDecoder::add_layer)
+      .def("step", &CpuDecoder::step);
+}
