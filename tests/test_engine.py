@@ -986,6 +986,29 @@ def test_cpu_kernel_decodes_as_the_eager_model(overrides):
     torch.testing.assert_close(written, (llm.runner.cache.k, llm.runner.cache.v), atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_kernel_shares_steps_with_prompts_and_their_log_probabilities(model):
+    """Prompts that join running sequences (some scoring every prompt position) are computed eagerly in
+    the same step as the kernel's decodes; the log-probabilities and tokens match the eager engine's."""
+    kernel_or_skip()
+    prompts = random_prompts([5, 19, 8, 13, 3], seed=10)
+    params = [greedy(12, logprobs=2), SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2),
+              greedy(12), SamplingParams(max_tokens=0, prompt_logprobs=1), greedy(12, logprobs=0)]
+    fused = LLM(fuse_projections(copy.deepcopy(model)), block_size=4, max_num_batched_tokens=10)
+    steps = []  # per step, the paths it took
+    runner = fused.runner
+    step_run, eager_run, kernel_run = runner.run, runner._eager, runner._decode
+    runner.run = lambda *a: steps.append(set()) or step_run(*a)
+    runner._eager = lambda *a: steps[-1].add("eager") or eager_run(*a)
+    runner._decode = lambda *a: steps[-1].add("kernel") or kernel_run(*a)
+    got, want = run(fused, prompts, params), run(LLM(model, block_size=4, max_num_batched_tokens=10), prompts, params)
+    assert {"eager", "kernel"} in steps and {"kernel"} in steps
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        for lp_g, lp_w in zip(g.logprobs + (g.prompt_logprobs or [])[1:], w.logprobs + (w.prompt_logprobs or [])[1:]):
+            assert lp_g[0] == pytest.approx(lp_w[0], abs=1e-4)
+            assert [t for t, _ in lp_g[1]] == [t for t, _ in lp_w[1]]
+
+
 def test_cpu_kernel_is_only_for_models_the_engine_owns(model):
     """A model handed to LLM as it is (RL samples from the policy it is training) keeps the eager path,
     which reads the current weights at every step; the kernel holds the weights it was given."""

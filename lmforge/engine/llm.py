@@ -193,7 +193,7 @@ class LLM:
         outputs = []
         if samplers:
             seqs = [s for s, _ in samplers]
-            picked = logits[[r for _, r in samplers]]  # (B, V)
+            picked = logits if len(samplers) == len(logits) else logits[[r for _, r in samplers]]  # (B, V)
             tokens = sample(picked, seqs).tolist()
             want = [s.params.logprobs for s in seqs]
             if any(k is not None for k in want):

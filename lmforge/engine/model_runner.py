@@ -162,8 +162,34 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], logit_rows: list[int]) -> torch.Tensor:
         """Compute the batch's new tokens into the cache; return fp32 logits (len(logit_rows), V)."""
-        if self.decoder is not None and all(n == 1 and seq.num_computed > 0 for seq, n in batch):
+        if self.decoder is None:
+            return self._eager(batch, logit_rows)
+        decoding = [n == 1 and seq.num_computed > 0 for seq, n in batch]
+        if all(decoding):
             return self._decode(batch, logit_rows)
+        if not any(decoding):
+            return self._eager(batch, logit_rows)
+        # A step where prompts join running sequences: the prompts' chunks go through the eager model,
+        # the decoding sequences through the kernel (they share no cache slots), and the logits are
+        # put back in the batch's row order.
+        parts, where = ([], []), []  # parts: (eager, kernel) batches; where[packed row] = (part, row in it)
+        num_rows = [0, 0]
+        for (seq, n), is_decode in zip(batch, decoding):
+            parts[is_decode].append((seq, n))
+            where.extend((is_decode, num_rows[is_decode] + r) for r in range(n))
+            num_rows[is_decode] += n
+        prefill, decode = parts
+        eager_rows = [where[r][1] for r in logit_rows if where[r][0] == 0]
+        eager = self._eager(prefill, eager_rows)  # (len(eager_rows), V)
+        kernel = self._decode(decode, list(range(len(decode))))  # (len(decode), V)
+        picked, e = [], 0
+        for r in logit_rows:
+            which, row = where[r]
+            picked.append(kernel[row] if which else eager[e])
+            e += not which
+        return torch.stack(picked)
+
+    def _eager(self, batch: list[tuple[Sequence, int]], logit_rows: list[int]) -> torch.Tensor:
         ids = [t for seq, n in batch for t in seq.token_ids[seq.num_computed:seq.num_computed + n]]
         self.cache.prepare(batch)
         input_ids = torch.tensor([ids], device=self.device)  # (1, N)

@@ -49,9 +49,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """One next token per row of logits (B, V) for seqs; returns (B,) int64."""
     logits = apply_penalties(logits, seqs)
-    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
-    if greedy.all():
+    if all(s.params.greedy for s in seqs):
         return logits.argmax(dim=-1)
+    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
     V, dev = logits.size(1), logits.device
     temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=dev)
     top_k = torch.tensor([min(s.params.top_k or V, V) for s in seqs], device=dev)
