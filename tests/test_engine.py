@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.engine import LLM, Completion, SamplingParams
+from lmforge.engine import LLM, Completion, SamplingParams, model_runner
 from lmforge.engine.async_engine import AsyncEngine, EngineError, Overloaded, Router
 from lmforge.engine.fuse import fuse_projections
 from lmforge.engine.process_engine import ProcessEngine
@@ -954,52 +954,56 @@ def biased(model: Transformer) -> Transformer:
     {"qk_norm": True, "model_type": "qwen3", "head_dim": 16},  # QK-norm; heads wider than width / heads
 ])
 def test_cpu_kernel_decodes_as_the_eager_model(overrides):
-    """Every all-decode step of a fused fp32 model on CPU goes through the C++ kernel: its logits match
-    the eager path over the same paged cache, and greedy tokens match plain generation, for a mixed
-    batch whose sequences sit on scattered blocks (block size 4, prompts chunked under budget 12)."""
+    """A fused fp32 model on CPU runs every step with prompt chunks of at most KERNEL_MAX_CHUNK tokens
+    through the C++ kernel. At every step of a mixed batch (block size 4, prompts chunked under budget 12,
+    so steps hold decodes, first chunks and continuing chunks), the kernel's logits at every row and the
+    keys/values it writes match the eager path's from the same cache; the greedy tokens match plain
+    generation."""
     kernel_or_skip()
     config = ModelConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=4, intermediate_size=64, max_position_embeddings=CTX),
                             **overrides})
     model = biased(nudged(Transformer(config), seed=7))
     llm = LLM(fuse_projections(copy.deepcopy(model)), block_size=4, max_num_batched_tokens=12)
-    assert llm.runner.decoder is not None
+    runner, cache = llm.runner, llm.runner.cache
+    assert runner.decoder is not None
+    kinds = set()  # what the steps held: "decode", "first chunk", "later chunk"
+
+    def both(batch, logit_rows):
+        rows = list(range(sum(n for _, n in batch)))
+        before = cache.k.clone(), cache.v.clone()
+        fast = runner._kernel(batch, rows)
+        written = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(before[0]), cache.v.copy_(before[1])
+        torch.testing.assert_close(fast, runner._eager(batch, rows), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(written, (cache.k, cache.v), atol=1e-5, rtol=1e-5)
+        kinds.update("decode" if n == 1 and s.num_computed else "later chunk" if s.num_computed else "first chunk"
+                     for s, n in batch)
+        return fast[logit_rows]
+
+    runner.run = both
     prompts = random_prompts(MIXED_LENGTHS, seed=8)
     outs = run(llm, prompts, greedy(30))
     assert [o.token_ids for o in outs] == [reference(model, p, 30) for p in prompts]
-
-    # One decode step of three sequences, kernel and eager, from the same cache contents.
-    ids = [llm.add_request(p, greedy(20)) for p in random_prompts([9, 3, 14], seed=9)]
-    seqs = [s for rid in ids for s in llm._requests[rid]]
-    while any(len(s.output_ids) < 2 for s in seqs):
-        llm.step()
-    batch = llm.scheduler.schedule()  # allocates the slots the new tokens go to
-    assert sorted(s.seq_id for s, _ in batch) == sorted(s.seq_id for s in seqs) and {n for _, n in batch} == {1}
-    keys, values = llm.runner.cache.k.clone(), llm.runner.cache.v.clone()
-    fast = llm.runner.run(batch, [0, 1, 2])
-    written = llm.runner.cache.k.clone(), llm.runner.cache.v.clone()
-    llm.runner.cache.k.copy_(keys), llm.runner.cache.v.copy_(values)
-    decoder, llm.runner.decoder = llm.runner.decoder, None
-    eager = llm.runner.run(batch, [0, 1, 2])
-    llm.runner.decoder = decoder
-    torch.testing.assert_close(fast, eager, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(written, (llm.runner.cache.k, llm.runner.cache.v), atol=1e-5, rtol=1e-5)
+    assert kinds == {"decode", "first chunk", "later chunk"}
 
 
-def test_cpu_kernel_shares_steps_with_prompts_and_their_log_probabilities(model):
-    """Prompts that join running sequences (some scoring every prompt position) are computed eagerly in
-    the same step as the kernel's decodes; the log-probabilities and tokens match the eager engine's."""
+def test_cpu_kernel_shares_steps_with_long_prompt_chunks_and_log_probabilities(model, monkeypatch):
+    """Prompt chunks longer than KERNEL_MAX_CHUNK (here 4; some scoring every prompt position) go through
+    the eager model in the same step as the kernel's rows; log-probabilities and tokens match the eager
+    engine's."""
     kernel_or_skip()
+    monkeypatch.setattr(model_runner, "KERNEL_MAX_CHUNK", 4)
     prompts = random_prompts([5, 19, 8, 13, 3], seed=10)
     params = [greedy(12, logprobs=2), SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2),
               greedy(12), SamplingParams(max_tokens=0, prompt_logprobs=1), greedy(12, logprobs=0)]
     fused = LLM(fuse_projections(copy.deepcopy(model)), block_size=4, max_num_batched_tokens=10)
     steps = []  # per step, the paths it took
     runner = fused.runner
-    step_run, eager_run, kernel_run = runner.run, runner._eager, runner._decode
+    step_run, eager_run, kernel_run = runner.run, runner._eager, runner._kernel
     runner.run = lambda *a: steps.append(set()) or step_run(*a)
     runner._eager = lambda *a: steps[-1].add("eager") or eager_run(*a)
-    runner._decode = lambda *a: steps[-1].add("kernel") or kernel_run(*a)
+    runner._kernel = lambda *a: steps[-1].add("kernel") or kernel_run(*a)
     got, want = run(fused, prompts, params), run(LLM(model, block_size=4, max_num_batched_tokens=10), prompts, params)
     assert {"eager", "kernel"} in steps and {"kernel"} in steps
     for g, w in zip(got, want):

@@ -31,14 +31,14 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
 
 
-def _cpu_tag() -> str:
-    """Names the build for this CPU: it is compiled with -march=native, and a home folder shared
-    between machines must not hand one CPU's build to another."""
+def _build_tag() -> str:
+    """Names the build for this source and this CPU: it is compiled with -march=native, and a home folder
+    shared between machines (or lmforge versions) must not hand one's build to another."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode() + SOURCE.read_bytes()).hexdigest()[:12]
 
 
 @functools.cache
@@ -49,7 +49,7 @@ def load_kernel():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name=f"lmforge_cpu_decode_{_cpu_tag()}", sources=[str(SOURCE)],
+        return load(name=f"lmforge_cpu_decode_{_build_tag()}", sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: the eager path still works
         log.warning("CPU decode kernel unavailable (%s: %s); decoding runs the eager model",
@@ -93,11 +93,13 @@ class CpuDecoder:
         kernel = load_kernel()
         return cls(model, kernel) if kernel is not None else None
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, slots: torch.Tensor,
-             k_pool: torch.Tensor, v_pool: torch.Tensor, block_size: int) -> torch.Tensor:
-        """tokens, positions, slots (B,) int64; tables (B, W) int64; pools (L, slots, K, Hd) written in
-        place. Returns fp32 logits (B, V)."""
-        return self._decoder.step(tokens, positions, tables, slots, k_pool, v_pool, block_size)
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: torch.Tensor, tables: torch.Tensor,
+             slots: torch.Tensor, logit_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+             block_size: int) -> torch.Tensor:
+        """tokens, positions, seqs (which row of tables), slots (B,) int64, one row per new token; tables
+        (S, W) int64; logit_rows (R,) int64; pools (L, slots, K, Hd) written in place. Returns fp32
+        logits (R, V)."""
+        return self._decoder.step(tokens, positions, seqs, tables, slots, logit_rows, k_pool, v_pool, block_size)
 
 
 def _t(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,5 +1,8 @@
-// One decode step of a Llama-family model on CPU, for a batch of sequences that each add one token,
-// reading and writing the engine's paged KV cache: engine/cpu_decode.py builds and drives it.
+// One engine step of a Llama-family model on CPU over the paged KV cache: each row is one new token of
+// some sequence (a decoding sequence's one token, or a token of a short prompt chunk), at its position,
+// written to its slot, attending to its sequence's keys up to itself. engine/cpu_decode.py drives it.
+// Rows of one chunk are causal without a mask: at every layer all rows' keys and values are written
+// before any row attends, and row r reads only positions <= its own.
 //
 // Why C++: at serving sizes a decode step is a few hundred small ops, and on CPU PyTorch's eager
 // dispatch of each (Python binding, dispatcher, a fresh output tensor) costs more than its maths.
@@ -11,7 +14,7 @@
 // the "rotate half" layout, softmax attention scaled by 1/sqrt(Hd) over keys max(0, n - window) ..
 // n - 1. Sums run in a different order than PyTorch's kernels, so logits agree to ~1e-6, not bitwise.
 //
-// Shape legend: B sequences, D hidden, H query heads, K key/value heads, G = H / K, Hd head_dim,
+// Shape legend: B rows (new tokens), S sequences, R rows wanting logits, D hidden, H query heads, K key/value heads, G = H / K, Hd head_dim,
 // I intermediate, V vocab, L layers; pools are (L, slots, K, Hd) with slot = block * block_size + offset.
 
 #include <torch/extension.h>
@@ -100,11 +103,13 @@ class CpuDecoder {
                        down_b});
   }
 
-  // tokens (B,) new token ids at positions (B,); tables (B, W) each sequence's blocks (padding past its
-  // length is never read); slots (B,) where each new key/value goes. k_pool, v_pool (L, slots, K, Hd)
-  // are written in place. Returns logits (B, V).
-  at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& tables,
-                  const at::Tensor& slots, at::Tensor& k_pool, at::Tensor& v_pool, int64_t block_size) {
+  // tokens (B,) new token ids at positions (B,), of sequences seqs (B,) whose blocks are tables (S, W)
+  // (padding past a sequence's length is never read); slots (B,) where each new key/value goes; logit_rows
+  // (R,) the rows whose logits are wanted. k_pool, v_pool (L, slots, K, Hd) are written in place.
+  // Returns logits (R, V).
+  at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& seqs,
+                  const at::Tensor& tables, const at::Tensor& slots, const at::Tensor& logit_rows,
+                  at::Tensor& k_pool, at::Tensor& v_pool, int64_t block_size) {
     pybind11::gil_scoped_release no_gil;
     at::NoGradGuard no_grad;
     const int64_t B = tokens.size(0), D = D_, H = H_, K = K_, Hd = Hd_, half = Hd_ / 2;
@@ -112,6 +117,7 @@ class CpuDecoder {
     reserve(B);
     const int64_t* tok = tokens.data_ptr<int64_t>();
     const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* seq = seqs.data_ptr<int64_t>();
     const int64_t* tab = tables.data_ptr<int64_t>();
     const int64_t* slot = slots.data_ptr<int64_t>();
     float* x = x_.data_ptr<float>();
@@ -146,7 +152,7 @@ class CpuDecoder {
         std::copy_n(row + (H + K) * Hd, K * Hd, vp + slot[b] * K * Hd);
       }
 
-      attend(B, qkv, kp, vp, pos, tab, width, block_size);
+      attend(B, qkv, kp, vp, pos, seq, tab, width, block_size);
       linear(attn_, L.o_w, L.o_b, h_);
       x_.add_(h_);
 
@@ -165,30 +171,33 @@ class CpuDecoder {
       linear(act_, L.down_w, L.down_b, h_);
       x_.add_(h_);
     }
+    const int64_t R = logit_rows.size(0);
+    const int64_t* rows = logit_rows.data_ptr<int64_t>();
     const float* w_norm = norm_.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) rms_norm(x + b * D, w_norm, eps_, D, h + b * D);
-    return at::mm(h_, lm_head_.t());  // (B, V), a fresh tensor: the caller keeps it
+    for (int64_t r = 0; r < R; ++r) rms_norm(x + rows[r] * D, w_norm, eps_, D, h + r * D);
+    return at::mm(h_.narrow(0, 0, R), lm_head_.t());  // (R, V), a fresh tensor: the caller keeps it
   }
 
  private:
+  // The step's buffers as (B, ...) views of ones kept between steps, grown when a step needs more rows.
   void reserve(int64_t B) {
-    if (x_.defined() && x_.size(0) == B) return;
-    auto f = at::TensorOptions().dtype(at::kFloat);
-    x_ = at::empty({B, D_}, f);
-    h_ = at::empty({B, D_}, f);
-    qkv_ = at::empty({B, (H_ + 2 * K_) * Hd_}, f);
-    attn_ = at::empty({B, H_ * Hd_}, f);
-    gate_up_ = at::empty({B, 2 * I_}, f);
-    act_ = at::empty({B, I_}, f);
+    if (!store_[0].defined() || store_[0].size(0) < B) {
+      auto f = at::TensorOptions().dtype(at::kFloat);
+      const int64_t n = std::max<int64_t>(B, 2 * (store_[0].defined() ? store_[0].size(0) : 0));
+      const int64_t widths[6] = {D_, D_, (H_ + 2 * K_) * Hd_, H_ * Hd_, 2 * I_, I_};
+      for (int i = 0; i < 6; ++i) store_[i] = at::empty({n, widths[i]}, f);
+    }
+    at::Tensor* views[6] = {&x_, &h_, &qkv_, &attn_, &gate_up_, &act_};
+    for (int i = 0; i < 6; ++i) *views[i] = store_[i].narrow(0, 0, B);
   }
 
   // attn_ (B, H Hd): each query head over its sequence's cached keys, read through the block table.
-  // One task per sequence walks its blocks in order: a block's slots are adjacent, each slot holding all
+  // One task per row walks its sequence's blocks in order: a block's slots are adjacent, each slot holding all
   // K heads (K Hd floats), so the reads are sequential within a block. Walking one key/value head at a
   // time over the same slots (strided reads) took twice as long at 32 sequences; prefetching the next
   // block by hand gained nothing measurable (the pool sits on huge pages, see model_runner._pool).
   void attend(int64_t B, const float* qkv, const float* kp, const float* vp, const int64_t* pos,
-              const int64_t* tab, int64_t width, int64_t block_size) {
+              const int64_t* seq, const int64_t* tab, int64_t width, int64_t block_size) {
     const int64_t H = H_, K = K_, Hd = Hd_, G = H_ / K_, qkv_width = (H_ + 2 * K_) * Hd_, stride = K_ * Hd_;
     const float scale = 1.f / std::sqrt(static_cast<float>(Hd));
     float* out = attn_.data_ptr<float>();
@@ -196,7 +205,7 @@ class CpuDecoder {
       std::vector<float> scores;  // (H, span)
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n = pos[b] + 1, first = window_ > 0 ? std::max<int64_t>(0, n - window_) : 0, span = n - first;
-        const int64_t* table = tab + b * width;
+        const int64_t* table = tab + seq[b] * width;
         const float* q = qkv + b * qkv_width;  // (H, Hd); query head h reads key/value head h / G
         float* o = out + b * H * Hd;  // (H, Hd)
         scores.resize(H * span);
@@ -258,7 +267,8 @@ class CpuDecoder {
   float eps_;
   int64_t window_;  // 0: none
   std::vector<Layer> layers_;
-  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_;  // per-step buffers, kept while B stays the same
+  at::Tensor store_[6];  // the buffers below, kept between steps (a fresh tensor's pages fault in anew)
+  at::Tensor x_, h_, qkv_, attn_, gate_up_, act_;  // this step's (B, ...) views
 };
 
 }  // namespace
