@@ -6,7 +6,8 @@ by `lmforge serve` in its own process, driven over HTTP by streaming clients, an
 `generate()` in this process before the server starts and after it stops; the better figure is
 the peer. Greedy, fixed lengths (ignore_eos), so both produce the same number of tokens.
 
-Reported per concurrency (1, 8, 32 clients, each sending requests back to back):
+Reported per concurrency (1, 8, 32 clients, each sending requests back to back), from the best of
+--repeats windows (HF's figure is likewise its best generate() call of --repeats, before and after):
     TTFT      time from sending the request to the first streamed token
     TPOT      (last token time - first token time) / (tokens - 1), per request
     ITL       gaps between consecutive streamed chunks
@@ -160,6 +161,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--levels", default="1,8,32")
     p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="windows per level; the best is reported (as HF's)")
     p.add_argument("--workers", type=int, help="the server's engine workers (default: lmforge serve's own)")
     args = p.parse_args()
 
@@ -172,7 +174,7 @@ def main() -> None:
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(64 * args.requests_per_client)]
     print(f"model: {folder}, torch threads {torch.get_num_threads()}", flush=True)
 
-    hf = hf_tokens_per_s(folder, prompts[0], args.max_tokens, repeats=3)
+    hf = hf_tokens_per_s(folder, prompts[0], args.max_tokens, repeats=args.repeats)
     print(f"HF transformers generate(), single stream: {hf:.1f} tokens/s", flush=True)
 
     port = free_port()
@@ -192,18 +194,24 @@ def main() -> None:
         asyncio.run(run_level(port, "bench", prompts[:4], 2, 8, 2))  # warm-up
         rows = []
         for c in [int(x) for x in args.levels.split(",")]:
-            r = asyncio.run(run_level(port, "bench", list(prompts), c, args.max_tokens, args.requests_per_client))
+            # Each level is timed `repeats` times and its best window kept, as HF's figure is its best
+            # generate() call: on a shared host one window can lose half its speed to a neighbour.
+            windows = [asyncio.run(run_level(port, "bench", list(prompts), c, args.max_tokens,
+                                             args.requests_per_client)) for _ in range(args.repeats)]
+            r = max(windows, key=lambda w: w["tokens_per_s"])
             rows.append(r)
+            seen = ", ".join(f"{w['tokens_per_s']:.0f}" for w in windows)
             print(f"c={c:>2}: {r['tokens_per_s']:8.1f} tokens/s ({r['tokens_per_s'] / hf:5.2f}x HF so far), "
                   f"TTFT {r['ttft_ms']:7.1f} ms, TPOT {r['tpot_ms']:6.2f} ms, ITL p50 {r['itl_p50_ms']:6.2f} / "
-                  f"p99 {r['itl_p99_ms']:6.2f} ms, {r['requests']} requests", flush=True)
+                  f"p99 {r['itl_p99_ms']:6.2f} ms, {r['requests']} requests; windows: "
+                  f"{seen} tokens/s", flush=True)
         miss, hit = asyncio.run(prefix_ttft(port, "bench", vocab, rounds=5, prefix_len=1000))
     finally:
         server.terminate()
         server.wait(timeout=60)
     # HF again, now: on a shared host its figure moves by up to 2x between minutes, and the best of
     # both is the peer (the conservative choice for the ratios).
-    hf_after = hf_tokens_per_s(folder, prompts[0], args.max_tokens, repeats=3)
+    hf_after = hf_tokens_per_s(folder, prompts[0], args.max_tokens, repeats=args.repeats)
     print(f"HF transformers generate(), single stream, again: {hf_after:.1f} tokens/s", flush=True)
     hf = max(hf, hf_after)
     single = next((r for r in rows if r["concurrency"] == 1), None)

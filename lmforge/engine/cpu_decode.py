@@ -1,5 +1,5 @@
-"""A decode step in one C++ call on CPU (csrc/cpu_decode.cpp), for steps where every sequence adds
-one token: the common step of a serving engine once prompts are in.
+"""An engine step in one C++ call on CPU (csrc/cpu_decode.cpp): every decoding sequence's new token
+and every prompt chunk of up to model_runner.KERNEL_MAX_CHUNK tokens, one row per token.
 
 At serving sizes a CPU decode step is bound by dispatch, not arithmetic: the eager model makes a
 few hundred small op calls a step, each a Python binding, a dispatch and a fresh tensor. The
@@ -69,7 +69,7 @@ def supports(model: torch.nn.Module, kv_dtype: torch.dtype) -> bool:
 
 
 class CpuDecoder:
-    """The model's weights handed to the kernel once; `step` runs one all-decode batch."""
+    """The model's weights handed to the kernel once; `step` runs one batch of rows."""
 
     def __init__(self, model: Transformer, kernel):
         c, m = model.config, model.model

@@ -10,6 +10,11 @@ computes attention per sequence:
                                             into a padded (Bd, K, S_max, Hd) view with a length mask
     prefilling sequences (a chunk each)     causal attention of the chunk over its cached prefix
 
+On CPU, for a fused fp32 Llama-family model (one the engine owns), the decoding sequences and the
+prompt chunks of up to KERNEL_MAX_CHUNK tokens skip all of that: they go through one C++ call
+(cpu_decode.py), which reads the pool through the block tables itself. Longer chunks in the same
+step still take the eager path above.
+
 Shape legend: N packed new tokens, Bd decoding sequences, S keys of a sequence, L layers,
 K key/value heads, H query heads, Hd head_dim, V vocab_size.
 """
