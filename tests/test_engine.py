@@ -952,6 +952,9 @@ def biased(model: Transformer) -> Transformer:
     {"num_key_value_heads": 2, "sliding_window": 6},
     {"num_key_value_heads": 2, "qkv_bias": True, "o_proj_bias": True, "mlp_bias": True},
     {"qk_norm": True, "model_type": "qwen3", "head_dim": 16},  # QK-norm; heads wider than width / heads
+    # head_dim 32 and 64: the kernel's attention compiled for those sizes (the others run a generic loop)
+    {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1},
+    {"hidden_size": 64, "num_attention_heads": 1, "num_key_value_heads": 1, "sliding_window": 6},
 ])
 def test_cpu_kernel_decodes_as_the_eager_model(overrides):
     """A fused fp32 model on CPU runs every step with prompt chunks of at most KERNEL_MAX_CHUNK tokens
@@ -976,7 +979,7 @@ def test_cpu_kernel_decodes_as_the_eager_model(overrides):
         written = cache.k.clone(), cache.v.clone()
         cache.k.copy_(before[0]), cache.v.copy_(before[1])
         torch.testing.assert_close(fast, runner._eager(batch, rows), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(written, (cache.k, cache.v), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(written, (cache.k, cache.v), atol=1e-4, rtol=1e-4)
         kinds.update("decode" if n == 1 and s.num_computed else "later chunk" if s.num_computed else "first chunk"
                      for s, n in batch)
         return fast[logit_rows]

@@ -198,7 +198,20 @@ class CpuDecoder {
   // block by hand gained nothing measurable (the pool sits on huge pages, see model_runner._pool).
   void attend(int64_t B, const float* qkv, const float* kp, const float* vp, const int64_t* pos,
               const int64_t* seq, const int64_t* tab, int64_t width, int64_t block_size) {
-    const int64_t H = H_, K = K_, Hd = Hd_, G = H_ / K_, qkv_width = (H_ + 2 * K_) * Hd_, stride = K_ * Hd_;
+    // The common head sizes compiled as constants: the dot products unroll, and each head's output
+    // sums stay in registers over a block's values instead of going through memory at every slot.
+    switch (Hd_) {
+      case 32: return attend_heads<32>(B, qkv, kp, vp, pos, seq, tab, width, block_size);
+      case 64: return attend_heads<64>(B, qkv, kp, vp, pos, seq, tab, width, block_size);
+      case 128: return attend_heads<128>(B, qkv, kp, vp, pos, seq, tab, width, block_size);
+      default: return attend_heads<0>(B, qkv, kp, vp, pos, seq, tab, width, block_size);
+    }
+  }
+
+  template <int64_t HD>  // head_dim, or 0: Hd_ at run time
+  void attend_heads(int64_t B, const float* qkv, const float* kp, const float* vp, const int64_t* pos,
+                    const int64_t* seq, const int64_t* tab, int64_t width, int64_t block_size) {
+    const int64_t H = H_, K = K_, Hd = HD ? HD : Hd_, G = H_ / K_, qkv_width = (H_ + 2 * K_) * Hd, stride = K_ * Hd;
     const float scale = 1.f / std::sqrt(static_cast<float>(Hd));
     float* out = attn_.data_ptr<float>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -237,24 +250,29 @@ class CpuDecoder {
           for (int64_t j = 0; j < span; ++j) sc[j] *= inv;
         }
         std::fill_n(o, H * Hd, 0.f);
-        // Per head, four slots' values at a time: o is read and written once per four slots, not once a
-        // slot (a chain through memory, load after store, that cost a quarter of the step).
+        // Per head, a run's values summed into a local array: with HD a constant it lives in registers.
         walk(vp, [&](int64_t j, const float* val, int64_t count) {
           for (int64_t h = 0; h < H; ++h) {
             const float* p = scores.data() + h * span + j;
             const float* v = val + (h / G) * Hd;
             float* oh = o + h * Hd;
-            int64_t t = 0;
-            for (; t + 4 <= count; t += 4, v += 4 * stride) {
-              const float p0 = p[t], p1 = p[t + 1], p2 = p[t + 2], p3 = p[t + 3];
-              const float *v0 = v, *v1 = v + stride, *v2 = v + 2 * stride, *v3 = v + 3 * stride;
+            if constexpr (HD > 0) {
+              float acc[HD];
 #pragma omp simd
-              for (int64_t i = 0; i < Hd; ++i) oh[i] += (p0 * v0[i] + p1 * v1[i]) + (p2 * v2[i] + p3 * v3[i]);
-            }
-            for (; t < count; ++t, v += stride) {
-              const float pt = p[t];
+              for (int64_t i = 0; i < HD; ++i) acc[i] = oh[i];
+              for (int64_t t = 0; t < count; ++t, v += stride) {
+                const float pt = p[t];
 #pragma omp simd
-              for (int64_t i = 0; i < Hd; ++i) oh[i] += pt * v[i];
+                for (int64_t i = 0; i < HD; ++i) acc[i] += pt * v[i];
+              }
+#pragma omp simd
+              for (int64_t i = 0; i < HD; ++i) oh[i] = acc[i];
+            } else {
+              for (int64_t t = 0; t < count; ++t, v += stride) {
+                const float pt = p[t];
+#pragma omp simd
+                for (int64_t i = 0; i < Hd; ++i) oh[i] += pt * v[i];
+              }
             }
           }
         });
