@@ -5,7 +5,10 @@ import asyncio
 import copy
 import functools
 import math
+import os
 import random
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -1014,6 +1017,28 @@ def test_cpu_kernel_shares_steps_with_long_prompt_chunks_and_log_probabilities(m
         for lp_g, lp_w in zip(g.logprobs + (g.prompt_logprobs or [])[1:], w.logprobs + (w.prompt_logprobs or [])[1:]):
             assert lp_g[0] == pytest.approx(lp_w[0], abs=1e-4)
             assert [t for t, _ in lp_g[1]] == [t for t, _ in lp_w[1]]
+
+
+def test_cpu_kernel_load_clears_a_stale_build_lock():
+    """A first build killed midway leaves torch's lock file, on which the next load would wait for ever."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    from lmforge.engine import cpu_decode
+
+    kernel_or_skip()  # built: the load below finds it and only has to get past the lock
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    lock = Path(root) / f"lmforge_cpu_decode_{cpu_decode._build_tag()}" / "lock"
+    if lock.exists():
+        pytest.skip("a build is in progress")
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    cpu_decode.load_kernel.cache_clear()
+    try:
+        assert cpu_decode.load_kernel() is not None
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
+        cpu_decode.load_kernel.cache_clear()
 
 
 def test_cpu_kernel_is_only_for_models_the_engine_owns(model):

@@ -20,6 +20,8 @@ import hashlib
 import logging
 import os
 import platform
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,13 +34,15 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
 
 
 def _build_tag() -> str:
-    """Names the build for this source and this CPU: it is compiled with -march=native, and a home folder
-    shared between machines (or lmforge versions) must not hand one's build to another."""
+    """Names the build for this source, CPU, Python and torch: it is compiled with -march=native against
+    one torch's ABI, and a home folder shared between machines or environments must not hand one's
+    build to another."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode() + SOURCE.read_bytes()).hexdigest()[:12]
+    built_for = f"{platform.machine()} {flags} {sys.version_info[:2]} torch {torch.__version__}"
+    return hashlib.sha1(built_for.encode() + SOURCE.read_bytes()).hexdigest()[:12]
 
 
 @functools.cache
@@ -47,9 +51,19 @@ def load_kernel():
     if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
-        return load(name=f"lmforge_cpu_decode_{_build_tag()}", sources=[str(SOURCE)],
+        name = f"lmforge_cpu_decode_{_build_tag()}"
+        build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+        build.mkdir(parents=True, exist_ok=True)
+        # A build killed midway (Ctrl-C at a first start) leaves its lock behind, and torch would wait
+        # on it for ever; a build takes about a minute, so a lock ten minutes old is stale.
+        lock = build / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > 600:
+            lock.unlink(missing_ok=True)
+        if not any(build.glob("*.so")):
+            log.info("building the CPU decode kernel in %s (once per machine, about a minute)", build)
+        return load(name=name, sources=[str(SOURCE)], build_directory=str(build),
                     extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: the eager path still works
         log.warning("CPU decode kernel unavailable (%s: %s); decoding runs the eager model",
