@@ -3,6 +3,7 @@ keys and limits, bad input, and a load test that checks the KV cache is whole af
 
 import asyncio
 import concurrent.futures
+import copy
 import functools
 import json
 import logging
@@ -21,6 +22,7 @@ from conftest import REDIS_URL
 from lmforge.auth import KeyStore, MemoryRateLimiter, parse_key
 from lmforge.engine import LLM, SamplingParams
 from lmforge.engine.async_engine import AsyncEngine, Router
+from lmforge.engine.fuse import fuse_projections
 from lmforge.engine.process_engine import ProcessEngine
 from lmforge.generate import generate
 from lmforge.model import ModelConfig, Transformer
@@ -87,9 +89,10 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def live(model, tokenizer, tmp_path_factory):
     keys = KeyStore(f"sqlite:///{tmp_path_factory.mktemp('db') / 'keys.db'}")
-    # the worker in its own process, as `lmforge serve` runs it
-    engine = Router([ProcessEngine(functools.partial(LLM, model, tokenizer, max_num_batched_tokens=64),
-                                   max_pending=128)])
+    # the worker in its own process with its projections merged, as `lmforge serve` runs it (on CPU its
+    # steps then go through the C++ decode kernel, engine/cpu_decode.py)
+    engine = Router([ProcessEngine(functools.partial(LLM, fuse_projections(copy.deepcopy(model)), tokenizer,
+                                                     max_num_batched_tokens=64), max_pending=128)])
     server = LiveServer(Served(engine, tokenizer, "tiny", CONTEXT, keys, MemoryRateLimiter(), ADMIN))
     yield server
     server.stop()
