@@ -143,7 +143,10 @@ class CpuDecoder {
     float* x = x_.data_ptr<float>();
     float* h = h_.data_ptr<float>();
     const float* emb = embed_.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) std::copy_n(emb + tok[b] * D, D, x + b * D);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(tok[b] >= 0 && tok[b] < embed_.size(0), "cpu_decode: token id ", tok[b], " out of range");
+      std::copy_n(emb + tok[b] * D, D, x + b * D);
+    }
 
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
