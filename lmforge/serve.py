@@ -33,6 +33,7 @@ import hmac
 import json
 import logging
 import struct
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -937,6 +938,14 @@ def build_served(folder, tokenizer_path, *, name: str | None = None, workers: in
                            f"{torch.cuda.device_count()}")
     tokenizer = load_tokenizer(tokenizer_path)
     devices = [torch.device(f"cuda:{i}") if spread else base for i in range(workers)]
+    from lmforge.engine import cpu_decode
+
+    if engine_process and base.type == "cpu" and cpu_decode.enabled():
+        # Built here, once, before the workers start: they then load it at once instead of waiting on
+        # each other's build in silence (their processes print no logs).
+        if not cpu_decode.is_built():
+            print("building the CPU decode kernel (once per machine, about a minute)", file=sys.stderr, flush=True)
+        cpu_decode.load_kernel()
     if engine_process:
         def start(i: int) -> ProcessEngine:
             make_llm = functools.partial(worker_llm, str(folder), str(tokenizer_path), str(devices[i]), dtype,

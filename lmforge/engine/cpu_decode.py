@@ -45,25 +45,40 @@ def _build_tag() -> str:
     return hashlib.sha1(built_for.encode() + SOURCE.read_bytes()).hexdigest()[:12]
 
 
+def build_dir() -> Path:
+    """Where this source's build for this machine lives, under torch's extensions root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"lmforge_cpu_decode_{_build_tag()}"
+
+
+def enabled() -> bool:
+    return os.environ.get("LMFORGE_CPU_KERNELS", "1") != "0"
+
+
+def is_built() -> bool:
+    return any(build_dir().glob("*.so"))
+
+
 @functools.cache
 def load_kernel():
     """The compiled extension module, or None (and the reason logged once) where it cannot be built."""
-    if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0":
+    if not enabled():
         return None
     try:
-        from torch.utils.cpp_extension import get_default_build_root, load
+        from torch.utils.cpp_extension import load
 
-        name = f"lmforge_cpu_decode_{_build_tag()}"
-        build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+        build = build_dir()
         build.mkdir(parents=True, exist_ok=True)
         # A build killed midway (Ctrl-C at a first start) leaves its lock behind, and torch would wait
         # on it for ever; a build takes about a minute, so a lock ten minutes old is stale.
         lock = build / "lock"
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:
             lock.unlink(missing_ok=True)
-        if not any(build.glob("*.so")):
+        if not is_built():
             log.info("building the CPU decode kernel in %s (once per machine, about a minute)", build)
-        return load(name=name, sources=[str(SOURCE)], build_directory=str(build),
+        return load(name=build.name, sources=[str(SOURCE)], build_directory=str(build),
                     extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: the eager path still works
         log.warning("CPU decode kernel unavailable (%s: %s); decoding runs the eager model",
