@@ -9,7 +9,7 @@
     async_engine.py   AsyncEngine: the step loop in a thread, streamed to asyncio; Router over workers
     process_engine.py ProcessEngine: AsyncEngine's face with the step loop in its own process
     fuse.py           fuse_projections: q/k/v and gate/up as one matmul each, for inference
-    cpu_decode.py     CpuDecoder: an all-decode step on CPU in one C++ call (csrc/cpu_decode.cpp)
+    cpu_decode.py     CpuDecoder: on CPU, decodes and short prompt chunks in one C++ call (csrc/cpu_decode.cpp)
 """
 
 from lmforge.engine.llm import LLM, Completion, RequestOutput
