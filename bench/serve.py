@@ -175,6 +175,8 @@ def main() -> None:
                    "ratio is reported")
     p.add_argument("--workers", type=int, help="the server's engine workers (default: lmforge serve's own)")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: each level needs at least one window")
 
     work = Path(tempfile.mkdtemp(prefix="lmforge-bench-serve-"))
     folder = Path(args.model) if args.model else make_model_folder(args, work)
