@@ -12,8 +12,11 @@ slice does and does not measure). Every answer is greedy, in chat form, and chec
    model prompted the same way vs the chat model from `lmforge run`'s SFT stage.
 2. RL: GRPO (`lmforge rl --task code`, the shaped reward: form, then doctests) from the chat model;
    held-out pass rate and doctest pass rate before and after, and the doctest pass rate on the
-   training tasks whose doctests pass with their reference solution (the stdlib holds no held-out
-   task with such doctests, so that one is in-sample and says so).
+   training tasks whose doctests are verified (`verified_doctest_tasks`: they pass with the reference
+   solution, in its module's globals, and fail without it). Greedy answers say little where a model
+   passes no doctest, so each model also samples K answers per verified doctest task (at the RL
+   temperature): how many pass, how many tasks have any passing answer (pass@K), and the mean share
+   of doctest examples passed. GRPO learns from a group only where its answers differ in reward.
 3. DPO: pairs with the reference solution chosen and one of the chat model's own sampled answers
    that fails the checks rejected; DPO from the chat model on the training tasks' pairs; held-out
    implicit-reward accuracy (chosen beats rejected) before and after, and the margin.
@@ -37,7 +40,7 @@ from lmforge.engine import LLM, SamplingParams
 from lmforge.evaluate import wilson_interval
 from lmforge.posttrain import FitConfig
 from lmforge.report import rate_text
-from lmforge.rl import RLConfig, rl, turn_end_id
+from lmforge.rl import Item, RLConfig, rl, rollout, turn_end_id
 from lmforge.tokenizer import load_tokenizer
 
 
@@ -47,12 +50,34 @@ def engine(folder: Path, tokenizer, seed: int) -> LLM:
                max_num_seqs=64, enable_prefix_caching=False, seed=seed)
 
 
-def score_models(folders: dict[str, Path], tokenizer, task_sets: dict[str, list], seed: int) -> dict:
-    """{model: {task set: codetask.score figures}}"""
+def sampled_doctests(llm, tokenizer, tasks: list, *, k: int, temperature: float, seed: int) -> dict:
+    """k sampled answers per task: answers passing every doctest (ended, defines the name), tasks with at
+    least one such answer (pass@k), and the mean share of doctest examples passed (the reward's doctest
+    part: 0 for an answer that did not end its turn)."""
+    items = [Item([{"role": "user", "content": t.prompt}], t) for t in tasks]
+    _, _, ended, texts = rollout(llm, tokenizer, items, n=k, max_tokens=512, temperature=temperature,
+                                 top_p=1.0, seed=seed)
+    flat = [(task, text, done) for task, group, dones in zip(tasks, texts, ended) for text, done in zip(group, dones)]
+    results = check_many([f[0] for f in flat], [f[1] for f in flat])
+    passing = [done and r.passed_doctests for (_, _, done), r in zip(flat, results)]
+    return {"tasks": len(tasks), "k": k, "temperature": temperature, "answers": len(flat),
+            "answers_passing": sum(passing),
+            "tasks_with_a_passing_answer": sum(any(passing[i * k:(i + 1) * k]) for i in range(len(tasks))),
+            "mean_share_of_examples_passed": sum(r.doctests_passed / r.num_doctests if done else 0.0
+                                                 for (_, _, done), r in zip(flat, results)) / max(1, len(flat))}
+
+
+def score_models(folders: dict[str, Path], tokenizer, task_sets: dict[str, list], seed: int, *,
+                 doctest_sets: dict[str, list], k: int, temperature: float) -> dict:
+    """{model: {task set: codetask.score figures, "sampled " + doctest set: sampled_doctests figures}}"""
     out = {}
     for name, folder in folders.items():
         llm = engine(folder, tokenizer, seed)
         out[name] = {set_name: evaluate(llm, tokenizer, tasks)[0] for set_name, tasks in task_sets.items()}
+        if k:
+            out[name].update({f"sampled {set_name}": sampled_doctests(llm, tokenizer, tasks, k=k,
+                                                                       temperature=temperature, seed=seed)
+                              for set_name, tasks in doctest_sets.items()})
     return out
 
 
@@ -99,6 +124,8 @@ def main():
                    help="rollout temperature (at 1.0 most of a small model's sampled code does not parse)")
     p.add_argument("--dpo-train-tasks", type=int, default=400, help="training tasks sampled for DPO pairs")
     p.add_argument("--dpo-samples", type=int, default=2, help="sampled answers per task for DPO's rejected side")
+    p.add_argument("--doctest-samples", type=int, default=16,
+                   help="answers sampled per verified doctest task and model, for pass@K (0: skip)")
     p.add_argument("--skip", action="append", default=[], choices=["rl", "dpo"])
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
@@ -109,8 +136,11 @@ def main():
     tasks = extract_tasks(self_contained=False)
     val = [t for t in tasks if t.split == "val"]
     train = [t for t in tasks if t.split == "train"]
-    doctest_train = verified_doctest_tasks(t for t in extract_tasks() if t.split == "train")
+    verified = verified_doctest_tasks(tasks)
+    doctest_val = [t for t in verified if t.split == "val"]
+    doctest_train = [t for t in verified if t.split == "train"]
     sets = {"held-out": val, "train tasks with verified doctests (in-sample)": doctest_train}
+    doctest_sets = {"held-out verified doctest tasks": doctest_val, "training verified doctest tasks": doctest_train}
     folders = {"base": run / "model", "sft": run / "chat" / "model"}
     results: dict = {"run": str(run), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                      "date": time.strftime("%Y-%m-%d"), "train_tasks": len(train), "val_tasks": len(val),
@@ -122,7 +152,8 @@ def main():
                        eval_prompts=0, ckpt_every=10**9, seed=args.seed)
         results["rl"] = rl(folders["sft"], run / "tokenizer.json", cfg)
         folders["sft+rl"] = out / "rl" / "model"
-    results["scores"] = score_models(folders, tokenizer, sets, args.seed)
+    results["scores"] = score_models(folders, tokenizer, sets, args.seed, doctest_sets=doctest_sets,
+                                     k=args.doctest_samples, temperature=args.rl_temperature)
 
     if "dpo" not in args.skip:
         counts: dict = {}
@@ -152,6 +183,15 @@ def main():
     for name, by_set in s.items():
         held, ins = by_set["held-out"], by_set["train tasks with verified doctests (in-sample)"]
         print(f"| {name} | {rate_text(held)} | {rate_text(held, 'doctest')} | {rate_text(ins, 'doctest')} |")
+    if args.doctest_samples:
+        print(f"\n{args.doctest_samples} sampled answers per verified doctest task, temperature {args.rl_temperature}:")
+        print("| model | tasks | answers passing all doctests | tasks with a passing answer | share of examples |")
+        print("|---|---|---|---|---|")
+        for name, by_set in s.items():
+            for set_name in doctest_sets:
+                d = by_set[f"sampled {set_name}"]
+                print(f"| {name} | {set_name}: {d['tasks']} | {d['answers_passing']}/{d['answers']} | "
+                      f"{d['tasks_with_a_passing_answer']}/{d['tasks']} | {d['mean_share_of_examples_passed']:.3f} |")
     base, sft = s["base"]["held-out"]["pass_rate"], s["sft"]["held-out"]["pass_rate"]
     print(f"SFT / base held-out pass rate: {sft / base if base else float('inf'):.1f}x")
     if "dpo" in results:

@@ -54,16 +54,18 @@ inside a function is part of that function.
 
 Measured on CPython 3.11.7 (about 5 s for `extract_tasks()`: every non-test stdlib module parsed once):
   extract_tasks()                     367 tasks: 325 train, 42 val (2 from held-out files); 12 with
-                                      doctests (all train), 10 of them verified (`verified_doctest_tasks`;
-                                      difflib.restore and typing._collect_parameters need their modules)
+                                      doctests (all train), all 12 verified (`verified_doctest_tasks`)
   extract_tasks(self_contained=False) 1157 tasks: 1032 train, 125 val (7 from held-out files); 43 with
-                                      doctests (4 val), 16 verified (all train)
+                                      doctests (4 val), 37 verified (all 4 val); 16 would verify with
+                                      their answer's globals alone, none of them val
   of 15527 functions in 717 parsed files (1041 test files and 79 non-.py documents skipped): 12197
   methods, 1249 without docstring, 800 using module-level names, 257 bodies too short, 236 too long,
   156 conditional defs, 79 summaries too short, 11 too long, 35 without a summary, 62 decorated,
   40 test names, 19 dunders, 15 async, 4 duplicates.
 The stdlib has few doctests (85 module-level functions carry any), so the doctest reward covers few
-tasks, none of them val: the rest are scored on form only.
+tasks: the rest are scored on form only. A stdlib task's doctests run in a copy of its module's globals,
+as the stdlib's own doctests do (`doctest.testmod`): `statistics.median`'s examples need the module's
+`StatisticsError`, and an answer may use the helpers the module has.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class CodeTask:
     doctests: str  # the docstring's `>>>` examples as a runnable doctest text ("" if none)
     split: str  # "train" or "val" (see the module docstring)
     heldout_file: bool = False  # its file is in the corpus's held-out split (pretraining never saw it)
+    module: str = ""  # the module whose globals its doctests run in ("statistics"); "": the answer's own only
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -280,9 +283,25 @@ def _function_nodes(body: list[ast.stmt], where: str = "module"):
                     yield from _function_nodes(inner, "conditional" if where == "module" else where)
 
 
+# Modules that act when imported (open a browser, print the Zen, run a program): their tasks' doctests
+# run against the answer alone.
+_ACTS_ON_IMPORT = frozenset({"antigravity", "this"})
+
+
+def module_name(doc_id: str) -> str:
+    """The importable name of a default-corpus stdlib file ("stdlib/importlib/metadata/__init__.py" ->
+    "importlib.metadata"); "" for any other document, and for modules that act when imported."""
+    if not doc_id.startswith("stdlib/") or not doc_id.endswith(".py"):
+        return ""
+    name = doc_id.removeprefix("stdlib/").removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+    acts = name in _ACTS_ON_IMPORT or name.endswith("__main__")
+    return "" if acts or not all(part.isidentifier() for part in name.split(".")) else name
+
+
 def _tasks_of_file(doc: Document, tree: ast.Module, *, max_lines: int, min_summary_words: int,
                    max_summary_chars: int, self_contained: bool, counts: Counter):
     imports = _module_imports(tree)
+    module = module_name(doc.id)
     heldout_file = is_heldout(doc.id)
     lines = doc.text.splitlines(keepends=True)
     for node, where in _function_nodes(tree.body):
@@ -332,9 +351,10 @@ def _tasks_of_file(doc: Document, tree: ast.Module, *, max_lines: int, min_summa
         signature = f"{node.name}({ast.unparse(node.args)})"
         task_id = f"{doc.id}::{node.name}"
         split = "val" if heldout_file or is_heldout(task_id, TASK_HELDOUT_FRACTION) else "train"
+        doctests = doctest_text(docstring)
         yield CodeTask(id=task_id, name=node.name, signature=signature, summary=summary,
-                       prompt=make_prompt(signature, summary), solution=solution,
-                       doctests=doctest_text(docstring), split=split, heldout_file=heldout_file)
+                       prompt=make_prompt(signature, summary), solution=solution, doctests=doctests,
+                       split=split, heldout_file=heldout_file, module=module if doctests else "")
 
 
 def extract_tasks(source: Corpus | Iterable[Document] | None = None, *, max_lines: int = 30,
@@ -425,28 +445,42 @@ def _defines(tree: ast.Module, name: str) -> bool:
     return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
 
 
-# The program the sandbox runs: given {"code", "doctests", "name", "nonce"} (the JSON literal `_program`
-# puts before it), it executes the candidate in fresh globals, runs the doctests on those globals,
-# and writes one report line, nonce + JSON, straight to fd 1 (the candidate may have replaced
-# sys.stdout). The nonce keeps a candidate's own prints from passing as the report; a candidate that
-# sets out to forge the report (reading the nonce from the runner's frame) is not defended against:
-# RL rewards from a policy that learns that are to be read with suspicion, as with any in-process checker.
+# The program the sandbox runs: given {"code", "doctests", "name", "module", "nonce"} (the JSON literal
+# `_program` puts before it), it executes the candidate in fresh globals (a copy of the task's module's
+# globals when it has one, as `doctest.testmod` runs a module's examples), checks that the name is bound
+# to a function the answer itself defined (not the stdlib's own, imported: `from statistics import mean`
+# would pass every statistics task), runs the doctests on those globals, and writes one report line,
+# nonce + JSON, straight to fd 1 (the candidate may have replaced sys.stdout). The nonce keeps a
+# candidate's own prints from passing as the report; a candidate that sets out to forge the report
+# (reading the nonce from the runner's frame) is not defended against: RL rewards from a policy that
+# learns that are to be read with suspicion, as with any in-process checker.
 _RUNNER = r'''
-import doctest, json, os, sys
+import doctest, importlib, inspect, json, os, sys
 
 def _report(nonce, report):
     os.write(1, ("\n" + nonce + json.dumps(report) + "\n").encode())
 
 def _main(payload):
     nonce, report = payload["nonce"], {"attempted": 0, "failed": 0, "error": "", "failure": ""}
-    globs = {"__name__": "__codetask__", "__builtins__": __builtins__}
+    globs = {"__builtins__": __builtins__}
+    if payload["module"]:
+        try:
+            globs = dict(vars(importlib.import_module(payload["module"])))
+        except BaseException as e:
+            report["error"] = ("importing " + payload["module"] + ": " + type(e).__name__ + ": " + str(e))[:200]
+            return _report(nonce, report)
+    globs["__name__"] = "__codetask__"
     try:
         exec(compile(payload["code"], "<answer>", "exec"), globs)
     except BaseException as e:
         report["error"] = (type(e).__name__ + ": " + str(e))[:200]
         return _report(nonce, report)
-    if not callable(globs.get(payload["name"])):
+    func = globs.get(payload["name"])
+    if not callable(func):
         report["error"] = "the name is not a function after running the code"
+        return _report(nonce, report)
+    if getattr(getattr(inspect.unwrap(func), "__code__", None), "co_filename", None) != "<answer>":
+        report["error"] = "the name is not the answer's own function (imported or taken from elsewhere)"
         return _report(nonce, report)
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     test = doctest.DocTestParser().get_doctest(payload["doctests"], globs, payload["name"], "<doctests>", 0)
@@ -463,7 +497,8 @@ def _program(code: str, task: CodeTask, nonce: str) -> str:
     """The runner with its input spliced in as one ASCII string literal: ascii() of a str is always a
     valid Python literal that evaluates back to it (quotes, backslashes, newlines, NULs, surrogates),
     so no answer can break out of it. (run_many takes programs only, no stdin per program.)"""
-    payload = json.dumps({"code": code, "doctests": task.doctests, "name": task.name, "nonce": nonce})
+    payload = json.dumps({"code": code, "doctests": task.doctests, "name": task.name, "module": task.module,
+                          "nonce": nonce})
     return f"PAYLOAD = {ascii(payload)}\n{_RUNNER}"
 
 
@@ -588,18 +623,28 @@ def evaluate(llm, tokenizer, tasks: Sequence[CodeTask], *, max_tokens: int = 512
 
 def verified_doctest_tasks(tasks: Iterable[CodeTask], *, limits: sandbox.Limits = CHECK_LIMITS,
                            workers: int | None = None, counts: Counter | None = None) -> list[CodeTask]:
-    """The tasks with doctests that pass when run against their own reference solution alone in the
-    sandbox. Many stdlib doctests need their module (other functions, constants, the module's name)
-    or an environment; a task whose reference cannot pass is not a fair reward, so the doctest reward
-    is measured on these. `counts` gets "verified" and the reason for every task with doctests dropped."""
+    """The tasks whose doctests are a fair check of an answer: they pass when run against the task's own
+    reference solution in the sandbox (in its module's globals where it has a module), and they fail
+    against a stand-in that defines the name and only raises (doctests that never call the function, or
+    call the module's own copy through another name, would pass any answer). Some stdlib doctests need
+    an environment the sandbox denies (subprocesses, an event loop, the module under its own name).
+    `counts` gets "verified" and the reason for every task with doctests dropped."""
     with_doctests = [t for t in tasks if t.doctests]
-    results = check_many(with_doctests, [t.solution for t in with_doctests], limits=limits, workers=workers)
+    stubs = [f"def {t.name}(*args, **kwargs):\n    raise NotImplementedError\n" for t in with_doctests]
+    n = len(with_doctests)
+    results = check_many(with_doctests * 2, [t.solution for t in with_doctests] + stubs, limits=limits,
+                         workers=workers)
     kept = []
-    for task, result in zip(with_doctests, results):
-        if result.passed_doctests:
+    for task, reference, stub in zip(with_doctests, results[:n], results[n:]):
+        if not reference.passed_doctests:
+            reason = re.sub(r"\d+ of \d+ ", "", reference.reason.split(":")[0])
+        elif stub.passed_doctests:
+            reason = "doctests pass without the function"
+        else:
             kept.append(task)
-        elif counts is not None:
-            counts[re.sub(r"\d+ of \d+ ", "", result.reason.split(":")[0])] += 1
+            continue
+        if counts is not None:
+            counts[reason] += 1
     if counts is not None:
         counts["verified"] += len(kept)
     return kept

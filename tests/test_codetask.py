@@ -15,6 +15,7 @@ from lmforge.codetask import (
     extract_code,
     extract_tasks,
     make_prompt,
+    module_name,
     reward,
     verified_doctest_tasks,
     write_jsonl,
@@ -323,6 +324,52 @@ def clip(x, hi):
     counts = Counter()
     assert verified_doctest_tasks(tasks, limits=FAST, counts=counts) == [clamp_task]
     assert counts["verified"] == 1 and sum(counts.values()) == 2
+
+
+MEDIAN_LOW = ("def median_low(data):\n    data = sorted(data)\n    if not data:\n"
+              "        raise StatisticsError('no median for empty data')\n    return data[(len(data) - 1) // 2]\n")
+
+
+def test_doctests_run_in_their_modules_globals_and_only_the_answer_answers_to_the_name():
+    doctests = (">>> median_low([5, 1, 7, 3])\n3\n>>> try:\n...     median_low([])\n"
+                "... except StatisticsError as e:\n...     print(e)\nno median for empty data\n")
+    task = CodeTask(id="stdlib/statistics.py::median_low", name="median_low", signature="median_low(data)",
+                    summary="Return the low median.", prompt="", solution=MEDIAN_LOW, doctests=doctests,
+                    split="val", module="statistics")
+    answers = {
+        "reference": MEDIAN_LOW,  # raises the module's StatisticsError, which the doctest catches by name
+        "wrong": "def median_low(data):\n    return sorted(data)[0]\n",
+        # defines the name, then takes the stdlib's own: the reward is for writing it, not importing it
+        "imports": "def median_low(data):\n    return 0\nfrom statistics import median_low\n",
+    }
+    results = dict(zip(answers, check_many([task] * 3, list(answers.values()), limits=FAST)))
+    assert results["reference"].passed_doctests
+    assert results["wrong"].doctests_passed == 0
+    assert results["imports"].defines and results["imports"].doctests_passed == 0
+    assert "not the answer's own function" in results["imports"].reason
+    alone = CodeTask(**{**task.__dict__, "module": ""})  # the same task without its module's globals
+    assert not check(alone, MEDIAN_LOW, limits=FAST).passed_doctests
+    missing = CodeTask(**{**task.__dict__, "module": "no_module_of_that_name"})
+    assert "importing no_module_of_that_name" in check(missing, MEDIAN_LOW, limits=FAST).reason
+    # doctests that never call the function pass any answer: not a fair check, so not verified
+    idle = CodeTask(**{**task.__dict__, "id": "stdlib/statistics.py::idle", "doctests": ">>> 1 + 1\n2\n"})
+    counts = Counter()
+    assert verified_doctest_tasks([task, alone, idle], limits=FAST, counts=counts) == [task]
+    assert counts == {"verified": 1, "failed doctests": 1, "doctests pass without the function": 1}
+
+
+def test_module_names_of_corpus_files():
+    assert module_name("stdlib/statistics.py") == "statistics"
+    assert module_name("stdlib/importlib/metadata/__init__.py") == "importlib.metadata"
+    assert module_name("stdlib/json/tool.py") == "json.tool"
+    for acts_or_not_stdlib in ("stdlib/antigravity.py", "stdlib/this.py", "stdlib/venv/__main__.py",
+                               "stdlib/lib2to3/tests/data/bom-0.py", "pkg/mod.py", "stdlib/site-x/y.py"):
+        assert module_name(acts_or_not_stdlib) == "", acts_or_not_stdlib
+    source = ('"""Doc."""\n\ndef f(x):\n    """Return x plus one, as written.\n\n    >>> f(1)\n    2\n    """\n'
+              '    y = x + 1\n    return y\n\n\n'
+              'def g(x):\n    """Return x minus one, as written."""\n    y = x - 1\n    return y\n')
+    f, g = extract_tasks([Document("stdlib/mod.py", source)])
+    assert (f.module, g.module) == ("mod", "")  # only a task with doctests runs them in its module
 
 
 def test_the_stdlib_gives_hundreds_of_tasks():
