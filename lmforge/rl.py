@@ -369,6 +369,7 @@ def rl(folder: Path, tokenizer_path: Path, cfg: RLConfig, *, resume: bool = Fals
     summary = {"steps": step, "first": first, "final": last_eval, "task": cfg.task,
                "train_prompts": len(train_items), "held_out_prompts": len(held_out)}
     atomic_write_text(out / "rl.json", json.dumps(summary, indent=2))
-    print0(f"rl: {step} steps; held-out reward {first.get('reward', float('nan')):.3f} -> "
-           f"{last_eval.get('reward', float('nan')):.3f}")
+    start = f"{first['reward']:.3f} -> " if first else ""  # a resumed run scored its start before
+    held = f"held-out reward {start}{last_eval['reward']:.3f}" if held_out else "no held-out prompts scored"
+    print0(f"rl: {step} steps; {held}")
     return summary
