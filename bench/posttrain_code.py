@@ -16,7 +16,8 @@ slice does and does not measure). Every answer is greedy, in chat form, and chec
    solution, in its module's globals, and fail without it). Greedy answers say little where a model
    passes no doctest, so each model also samples K answers per verified doctest task (at the RL
    temperature): how many pass, how many tasks have any passing answer (pass@K), and the mean share
-   of doctest examples passed. GRPO learns from a group only where its answers differ in reward.
+   of doctest checks passed (`codetask.doctest_checks`). GRPO learns from a group only where its
+   answers differ in reward.
 3. DPO: pairs with the reference solution chosen and one of the chat model's own sampled answers
    that fails the checks rejected; DPO from the chat model on the training tasks' pairs; held-out
    implicit-reward accuracy (chosen beats rejected) before and after, and the margin.
@@ -52,7 +53,7 @@ def engine(folder: Path, tokenizer, seed: int) -> LLM:
 
 def sampled_doctests(llm, tokenizer, tasks: list, *, k: int, temperature: float, seed: int) -> dict:
     """k sampled answers per task: answers passing every doctest (ended, defines the name), tasks with at
-    least one such answer (pass@k), and the mean share of doctest examples passed (the reward's doctest
+    least one such answer (pass@k), and the mean share of doctest checks passed (the reward's doctest
     part: 0 for an answer that did not end its turn)."""
     items = [Item([{"role": "user", "content": t.prompt}], t) for t in tasks]
     _, _, ended, texts = rollout(llm, tokenizer, items, n=k, max_tokens=512, temperature=temperature,
@@ -63,7 +64,7 @@ def sampled_doctests(llm, tokenizer, tasks: list, *, k: int, temperature: float,
     return {"tasks": len(tasks), "k": k, "temperature": temperature, "answers": len(flat),
             "answers_passing": sum(passing),
             "tasks_with_a_passing_answer": sum(any(passing[i * k:(i + 1) * k]) for i in range(len(tasks))),
-            "mean_share_of_examples_passed": sum(r.doctests_passed / r.num_doctests if done else 0.0
+            "mean_share_of_checks_passed": sum(r.doctests_passed / r.num_doctests if done else 0.0
                                                  for (_, _, done), r in zip(flat, results)) / max(1, len(flat))}
 
 
@@ -185,13 +186,13 @@ def main():
         print(f"| {name} | {rate_text(held)} | {rate_text(held, 'doctest')} | {rate_text(ins, 'doctest')} |")
     if args.doctest_samples:
         print(f"\n{args.doctest_samples} sampled answers per verified doctest task, temperature {args.rl_temperature}:")
-        print("| model | tasks | answers passing all doctests | tasks with a passing answer | share of examples |")
+        print("| model | tasks | answers passing all doctests | tasks with a passing answer | share of checks passed |")
         print("|---|---|---|---|---|")
         for name, by_set in s.items():
             for set_name in doctest_sets:
                 d = by_set[f"sampled {set_name}"]
                 print(f"| {name} | {set_name}: {d['tasks']} | {d['answers_passing']}/{d['answers']} | "
-                      f"{d['tasks_with_a_passing_answer']}/{d['tasks']} | {d['mean_share_of_examples_passed']:.3f} |")
+                      f"{d['tasks_with_a_passing_answer']}/{d['tasks']} | {d['mean_share_of_checks_passed']:.3f} |")
     base, sft = s["base"]["held-out"]["pass_rate"], s["sft"]["held-out"]["pass_rate"]
     print(f"SFT / base held-out pass rate: {sft / base if base else float('inf'):.1f}x")
     if "dpo" in results:

@@ -222,8 +222,13 @@ def doctest_text(docstring: str) -> str:
     return "".join(blocks)
 
 
-def count_doctests(text: str) -> int:
-    return len(doctest.DocTestParser().get_examples(text)) if text else 0
+def doctest_checks(text: str, name: str) -> list[int]:
+    """Which of a doctest text's examples check an answer: those that expect output or an exception, or
+    that call the function (`assert get_args(int) == ()`). The rest set the stage (`from decimal import
+    Decimal as D`, `data = [...]`): they pass for any answer that runs, so they earn no reward."""
+    examples = doctest.DocTestParser().get_examples(text) if text else []
+    calls = re.compile(rf"\b{re.escape(name)}\b")
+    return [i for i, ex in enumerate(examples) if ex.want or ex.exc_msg is not None or calls.search(ex.source)]
 
 
 def _bound_names(func: ast.AST) -> set[str]:
@@ -416,8 +421,8 @@ def write_jsonl(tasks: Iterable[CodeTask], path: str | Path) -> int:
 class CheckResult:
     parses: bool
     defines: bool  # a top-level def (or async def) with exactly the task's name
-    num_doctests: int  # examples in the task's doctests
-    doctests_passed: int
+    num_doctests: int  # examples in the task's doctests that check the answer (`doctest_checks`)
+    doctests_passed: int  # of those
     reason: str  # "ok", or why it fell short, in a few words
 
     @property
@@ -461,7 +466,7 @@ def _report(nonce, report):
     os.write(1, ("\n" + nonce + json.dumps(report) + "\n").encode())
 
 def _main(payload):
-    nonce, report = payload["nonce"], {"attempted": 0, "failed": 0, "error": "", "failure": ""}
+    nonce, report = payload["nonce"], {"passed": [], "error": "", "failure": ""}
     globs = {"__builtins__": __builtins__}
     if payload["module"]:
         try:
@@ -484,9 +489,14 @@ def _main(payload):
         return _report(nonce, report)
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     test = doctest.DocTestParser().get_doctest(payload["doctests"], globs, payload["name"], "<doctests>", 0)
-    failures = []
-    result = doctest.DocTestRunner(verbose=False, optionflags=flags).run(test, out=failures.append)
-    report.update(attempted=result.attempted, failed=result.failed, failure="".join(failures)[:1000])
+    failures, passed = [], []
+
+    class Runner(doctest.DocTestRunner):
+        def report_success(self, out, test, example, got):
+            passed.append(next(i for i, ex in enumerate(test.examples) if ex is example))
+
+    Runner(verbose=False, optionflags=flags).run(test, out=failures.append)
+    report.update(passed=passed, failure="".join(failures)[:1000])
     _report(nonce, report)
 
 _main(json.loads(PAYLOAD))
@@ -513,7 +523,7 @@ def _read_report(result: sandbox.SandboxResult, nonce: str) -> dict | None:
 
 
 def _static_check(task: CodeTask, code: str) -> CheckResult:
-    num = count_doctests(task.doctests)
+    num = len(doctest_checks(task.doctests, task.name))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -527,7 +537,7 @@ def _static_check(task: CodeTask, code: str) -> CheckResult:
     return CheckResult(True, True, num, 0, "doctests not run")
 
 
-def _finish(static: CheckResult, result: sandbox.SandboxResult, nonce: str) -> CheckResult:
+def _finish(task: CodeTask, static: CheckResult, result: sandbox.SandboxResult, nonce: str) -> CheckResult:
     report = _read_report(result, nonce)
     if report is None:
         detail = result.reason if result.reason != "ok" else "no report"
@@ -535,8 +545,8 @@ def _finish(static: CheckResult, result: sandbox.SandboxResult, nonce: str) -> C
         return CheckResult(True, True, static.num_doctests, 0, f"{detail}{': ' + tail[0][:160] if tail else ''}")
     if report["error"]:
         return CheckResult(True, True, static.num_doctests, 0, f"error running the code: {report['error']}")
-    passed = report["attempted"] - report["failed"]
-    reason = "ok" if report["failed"] == 0 and passed == static.num_doctests else \
+    passed = len(set(report["passed"]) & set(doctest_checks(task.doctests, task.name)))
+    reason = "ok" if passed == static.num_doctests else \
         f"failed {static.num_doctests - passed} of {static.num_doctests} doctests"
     return CheckResult(True, True, static.num_doctests, passed, reason)
 
@@ -554,7 +564,7 @@ def check_many(tasks: Sequence[CodeTask], completions: Sequence[str], *, run_doc
     nonces = [f"@@codetask:{secrets.token_hex(8)}@@" for _ in todo]
     programs = [_program(codes[i], tasks[i], nonce) for i, nonce in zip(todo, nonces)]
     for i, nonce, run in zip(todo, nonces, sandbox.run_many(programs, limits=limits, workers=workers)):
-        results[i] = _finish(results[i], run, nonce)
+        results[i] = _finish(tasks[i], results[i], run, nonce)
     return results
 
 
@@ -567,7 +577,8 @@ def check(task: CodeTask, completion: str, *, run_doctests: bool = True,
 
 def reward(result: CheckResult) -> float:
     """Shaped reward in [0, 1]: 0 for code that does not parse, 0.25 for code that parses, 0.5 once it
-    defines the requested function, plus 0.5 times the fraction of doctests passed. The small steps
+    defines the requested function, plus 0.5 times the fraction of the doctests' checks passed (examples
+    that only set the stage pass for any answer, so they count for nothing: `doctest_checks`). The small steps
     give a young policy a gradient toward well-formed answers before it can pass anything; the doctests
     carry half the scale so passing them outweighs any amount of form. A task without doctests tops
     out at 0.5: nothing about its behaviour is verified (use `verified_doctest_tasks` for RL)."""

@@ -12,6 +12,7 @@ from lmforge.codetask import (
     CodeTask,
     check,
     check_many,
+    doctest_checks,
     extract_code,
     extract_tasks,
     make_prompt,
@@ -283,6 +284,19 @@ def test_check_runs_doctests_and_reward_orders_answers(clamp_task):
     # the reference solution itself passes; without running, nothing is credited beyond form
     assert check(clamp_task, clamp_task.solution, limits=FAST).passed_doctests
     assert reward(check(clamp_task, clamp_task.solution, run_doctests=False)) == 0.5
+
+
+def test_only_examples_that_check_the_answer_count(clamp_task):
+    doctests = (">>> import math\n>>> x = 5\n>>> clamp(x)\n3\n>>> assert clamp(-1) == 0\n"
+                ">>> clamp(None)\nTraceback (most recent call last):\nTypeError: ...\n")
+    # the import and the assignment set the stage; the rest expect output, call clamp, or expect an error
+    assert doctest_checks(doctests, "clamp") == [2, 3, 4]
+    task = CodeTask(**{**clamp_task.__dict__, "doctests": doctests})
+    identity, no_floor = check_many([task] * 2, ["def clamp(x, lo=0, hi=3):\n    return x\n",
+                                                 "def clamp(x, lo=0, hi=3):\n    return min(hi, x)\n"], limits=FAST)
+    assert (identity.num_doctests, identity.doctests_passed) == (3, 0)  # the setup lines earn it nothing
+    assert reward(identity) == 0.5
+    assert no_floor.doctests_passed == 2 and reward(no_floor) == pytest.approx(0.5 + 0.5 * 2 / 3)  # not clamp(-1)
 
 
 def test_a_hanging_or_lying_answer_fails_without_hanging(clamp_task):
