@@ -522,8 +522,8 @@ def _read_report(result: sandbox.SandboxResult, nonce: str) -> dict | None:
     return None
 
 
-def _static_check(task: CodeTask, code: str) -> CheckResult:
-    num = len(doctest_checks(task.doctests, task.name))
+def _static_check(task: CodeTask, code: str, num: int) -> CheckResult:
+    """Parse and define, without running anything; num: the task's doctest checks."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -537,7 +537,7 @@ def _static_check(task: CodeTask, code: str) -> CheckResult:
     return CheckResult(True, True, num, 0, "doctests not run")
 
 
-def _finish(task: CodeTask, static: CheckResult, result: sandbox.SandboxResult, nonce: str) -> CheckResult:
+def _finish(checks: list[int], static: CheckResult, result: sandbox.SandboxResult, nonce: str) -> CheckResult:
     report = _read_report(result, nonce)
     if report is None:
         detail = result.reason if result.reason != "ok" else "no report"
@@ -545,7 +545,7 @@ def _finish(task: CodeTask, static: CheckResult, result: sandbox.SandboxResult, 
         return CheckResult(True, True, static.num_doctests, 0, f"{detail}{': ' + tail[0][:160] if tail else ''}")
     if report["error"]:
         return CheckResult(True, True, static.num_doctests, 0, f"error running the code: {report['error']}")
-    passed = len(set(report["passed"]) & set(doctest_checks(task.doctests, task.name)))
+    passed = len(set(report["passed"]) & set(checks))
     reason = "ok" if passed == static.num_doctests else \
         f"failed {static.num_doctests - passed} of {static.num_doctests} doctests"
     return CheckResult(True, True, static.num_doctests, passed, reason)
@@ -557,14 +557,15 @@ def check_many(tasks: Sequence[CodeTask], completions: Sequence[str], *, run_doc
     if len(tasks) != len(completions):
         raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions: give one completion per task")
     codes = [extract_code(c) for c in completions]
-    results = [_static_check(t, code) for t, code in zip(tasks, codes)]
+    checks = [doctest_checks(t.doctests, t.name) for t in tasks]
+    results = [_static_check(t, code, len(c)) for t, code, c in zip(tasks, codes, checks)]
     if not run_doctests:
         return results
     todo = [i for i, r in enumerate(results) if r.defines and r.num_doctests > 0]
     nonces = [f"@@codetask:{secrets.token_hex(8)}@@" for _ in todo]
     programs = [_program(codes[i], tasks[i], nonce) for i, nonce in zip(todo, nonces)]
     for i, nonce, run in zip(todo, nonces, sandbox.run_many(programs, limits=limits, workers=workers)):
-        results[i] = _finish(tasks[i], results[i], run, nonce)
+        results[i] = _finish(checks[i], results[i], run, nonce)
     return results
 
 

@@ -4,6 +4,7 @@ make, the split, and answers checked in the sandbox: parse, define, doctests, ti
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -291,7 +292,7 @@ def test_only_examples_that_check_the_answer_count(clamp_task):
                 ">>> clamp(None)\nTraceback (most recent call last):\nTypeError: ...\n")
     # the import and the assignment set the stage; the rest expect output, call clamp, or expect an error
     assert doctest_checks(doctests, "clamp") == [2, 3, 4]
-    task = CodeTask(**{**clamp_task.__dict__, "doctests": doctests})
+    task = replace(clamp_task, doctests=doctests)
     identity, no_floor = check_many([task] * 2, ["def clamp(x, lo=0, hi=3):\n    return x\n",
                                                  "def clamp(x, lo=0, hi=3):\n    return min(hi, x)\n"], limits=FAST)
     assert (identity.num_doctests, identity.doctests_passed) == (3, 0)  # the setup lines earn it nothing
@@ -361,12 +362,12 @@ def test_doctests_run_in_their_modules_globals_and_only_the_answer_answers_to_th
     assert results["wrong"].doctests_passed == 0
     assert results["imports"].defines and results["imports"].doctests_passed == 0
     assert "not the answer's own function" in results["imports"].reason
-    alone = CodeTask(**{**task.__dict__, "module": ""})  # the same task without its module's globals
+    alone = replace(task, module="")  # the same task without its module's globals
     assert not check(alone, MEDIAN_LOW, limits=FAST).passed_doctests
-    missing = CodeTask(**{**task.__dict__, "module": "no_module_of_that_name"})
+    missing = replace(task, module="no_module_of_that_name")
     assert "importing no_module_of_that_name" in check(missing, MEDIAN_LOW, limits=FAST).reason
     # doctests that never call the function pass any answer: not a fair check, so not verified
-    idle = CodeTask(**{**task.__dict__, "id": "stdlib/statistics.py::idle", "doctests": ">>> 1 + 1\n2\n"})
+    idle = replace(task, id="stdlib/statistics.py::idle", doctests=">>> 1 + 1\n2\n")
     counts = Counter()
     assert verified_doctest_tasks([task, alone, idle], limits=FAST, counts=counts) == [task]
     assert counts == {"verified": 1, "failed doctests": 1, "doctests pass without the function": 1}
