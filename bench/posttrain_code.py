@@ -130,6 +130,8 @@ def main():
     p.add_argument("--skip", action="append", default=[], choices=["rl", "dpo"])
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
+    if args.doctest_samples < 0:
+        p.error(f"--doctest-samples {args.doctest_samples}: give 0 to skip, or a number of answers to sample")
     run, t_start = Path(args.run), time.perf_counter()
     out = Path(args.out) if args.out else run / "bench_code"
     out.mkdir(parents=True, exist_ok=True)
