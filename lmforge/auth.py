@@ -128,7 +128,7 @@ def default_db_url() -> str:
     if os.environ.get("LMFORGE_DB"):
         return os.environ["LMFORGE_DB"]
     home = Path(os.environ.get("LMFORGE_HOME") or Path.home() / ".lmforge")
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # the key hashes and the ledger: the user's alone
     return f"sqlite:///{home / 'lmforge.db'}"
 
 
@@ -177,7 +177,17 @@ daily_table = sa.Table(
     sa.Column("cached_tokens", sa.BigInteger, nullable=False),
 )
 
+reservations_table = sa.Table(
+    "lmforge_budget_reservations", metadata,  # tokens held against a key's budget by requests in flight
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("key_id", sa.String(64), nullable=False, index=True),
+    sa.Column("tokens", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 _COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens")
+# A reservation whose request never settled (its replica was killed) stops holding tokens after this.
+RESERVATION_TTL_SECONDS = 3600
 
 
 def _utc(t: datetime | None) -> datetime | None:
@@ -216,12 +226,7 @@ class KeyStore:
         kwargs: dict = {"pool_pre_ping": True}  # a replica outlives database restarts
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
-                folder = Path(parsed.database).expanduser().parent
-                try:
-                    folder.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise LmforgeError(f"database URL {self.url!r}: cannot make the folder {folder} "
-                                       f"({e.strerror}); pick a writable path") from None
+                _private_sqlite_file(Path(parsed.database).expanduser(), self.url)
             # Threads wait up to 30 s for SQLite's single writer lock instead of failing at once.
             kwargs["connect_args"] = {"timeout": 30}
         else:
@@ -359,6 +364,9 @@ class KeyStore:
             index_elements=["key_id", "day", "model"],
             set_={c: daily_table.c[c] + rollup.excluded[c] for c in _COUNTS})
         with self.engine.begin() as conn:
+            # The request's budget reservation (if any) goes in the same transaction as its use: at no
+            # moment are its tokens counted twice, or not at all.
+            conn.execute(reservations_table.delete().where(reservations_table.c.request_id == request_id))
             # A row comes back only if one was inserted. Not `rowcount`: psycopg reports -1
             # (unknown) for this statement on PostgreSQL, inserted or not.
             if conn.execute(ledger).first() is None:  # request_id seen before: the conflict did nothing
@@ -366,15 +374,47 @@ class KeyStore:
             conn.execute(rollup)
         return True
 
+    def reserve_budget(self, record: KeyRecord, request_id: str, tokens: int) -> int | None:
+        """Hold `tokens` (the most a request may use) against the key's lifetime budget before it runs:
+        None when held, else the tokens the key could still reserve (the request is refused).
+
+        Checking what was used and only then running let every request admitted meanwhile through,
+        so concurrent requests overshot the budget together. Used + held + this <= budget is checked
+        and the hold written in one transaction that first takes a lock on the key's row (an UPDATE
+        that changes nothing: a row lock on PostgreSQL, the write lock on SQLite), so replicas
+        serialise on it. record_usage replaces the hold with what was used; release_budget drops it."""
+        if record.token_budget is None:
+            return None
+        now = datetime.now(timezone.utc)
+        stale = datetime.fromtimestamp(now.timestamp() - RESERVATION_TTL_SECONDS, timezone.utc)
+        held = reservations_table.c
+        with self.engine.begin() as conn:
+            conn.execute(keys_table.update().where(keys_table.c.key_id == record.id)
+                         .values(key_id=keys_table.c.key_id))
+            conn.execute(reservations_table.delete().where(held.key_id == record.id, held.created_at < stale))
+            used = conn.execute(_tokens_used(record.id)).scalar_one()
+            reserved = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(held.tokens), 0))
+                                    .where(held.key_id == record.id)).scalar_one()
+            left = record.token_budget - int(used) - int(reserved)
+            if tokens > left:
+                return max(0, left)
+            conn.execute(reservations_table.insert().values(request_id=request_id, key_id=record.id, tokens=tokens,
+                                                            created_at=now))
+        return None
+
+    def release_budget(self, request_id: str) -> None:
+        """Drop a request's hold on its key's budget (it was refused, or failed before using anything)."""
+        with self.engine.begin() as conn:
+            conn.execute(reservations_table.delete().where(reservations_table.c.request_id == request_id))
+
     def tokens_used(self, key_id: str) -> int:
         """Prompt + completion tokens over the key's lifetime (what `token_budget` limits)."""
-        total = sa.func.coalesce(sa.func.sum(daily_table.c.prompt_tokens + daily_table.c.completion_tokens), 0)
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(total).where(daily_table.c.key_id == key_id)).scalar_one())
+            return int(conn.execute(_tokens_used(key_id)).scalar_one())
 
     def budget_left(self, record: KeyRecord) -> int | None:
-        """Tokens the key may still use; None without a budget. Checked before a request is admitted,
-        so the request that crosses the budget finishes (its length is unknown until it does)."""
+        """Tokens the key has not used; None without a budget. (Admission holds what each request may use
+        with reserve_budget, so requests in flight cannot overshoot the budget together.)"""
         if record.token_budget is None:
             return None
         return max(0, record.token_budget - self.tokens_used(record.id))
@@ -402,6 +442,23 @@ class KeyStore:
             if "day" in row:
                 row["day"] = row["day"].isoformat()
         return rows
+
+
+def _private_sqlite_file(path: Path, url: str) -> None:
+    """Make a new SQLite database's folder (0700) and file (0600) private to this user before SQLite
+    opens it: it holds the key hashes, the ledger and stored responses. SQLite gives its -wal and
+    -shm files the database file's permissions. Existing files and folders are left as they are."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as e:
+        raise LmforgeError(f"database URL {url!r}: cannot make {path} ({e.strerror}); pick a writable "
+                           "path") from None
+
+
+def _tokens_used(key_id: str) -> sa.Select:
+    total = sa.func.coalesce(sa.func.sum(daily_table.c.prompt_tokens + daily_table.c.completion_tokens), 0)
+    return sa.select(total).where(daily_table.c.key_id == key_id)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -15,12 +15,12 @@ from collections.abc import Callable
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.conversations import chat_stop_ids, chat_template, render_template
+from lmforge.conversations import chat_stop_ids, chat_template, encode_chat
 from lmforge.generate import generate, stream_text
 
 
 def prompt_ids(tokenizer, messages: list[dict], template: str) -> list[int]:
-    return tokenizer.encode_with_special(render_template(template, messages, tokenizer, add_generation_prompt=True))
+    return encode_chat(tokenizer, messages, template)
 
 
 def fit_history(tokenizer, messages: list[dict], template: str, budget: int) -> tuple[list[dict], int]:

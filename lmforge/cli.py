@@ -287,6 +287,10 @@ def _add_serve_args(sub) -> None:
     p.add_argument("--redis", default=None, help="redis://host:port/db for rate limits shared by replicas "
                                                  "(default: per process)")
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (local experiments only)")
+    p.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body in MiB; a larger one is a 413, cut while it is read (default 4)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without an admin key (for a scraper on a private network)")
     p.add_argument("--engine-in-thread", action="store_true",
                    help="run the workers' step loops in threads of the server process (for debugging; slower: "
                         "they share one interpreter lock with the HTTP side)")
@@ -661,6 +665,12 @@ def cmd_eval(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _positive_mb(value: float, flag: str) -> int:
+    if not value > 0:
+        raise LmforgeError(f"{flag} {value}: give a size above 0 MiB, e.g. {flag} 4")
+    return int(value * 2**20)
+
+
 def cmd_serve(args) -> None:
     from lmforge.checkpoint import resolve_model_folder
     from lmforge.serve import build_served, run_server
@@ -670,6 +680,8 @@ def cmd_serve(args) -> None:
     served = build_served(folder, tok_path, name=name, workers=args.workers, device=args.device,
                           dtype=args.dtype, db=args.db, redis=args.redis, auth=not args.no_auth,
                           max_pending=args.max_pending, engine_process=not args.engine_in_thread,
+                          max_body_bytes=_positive_mb(args.max_body_mb, "--max-body-mb"),
+                          public_metrics=args.public_metrics,
                           max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_batched_tokens,
                           kv_cache_bytes=int(args.kv_cache_gb * 2**30))

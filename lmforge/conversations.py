@@ -23,6 +23,8 @@ stop) is trained; everything else (system, user, the assistant's start tag) is c
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,53 @@ def render_template(template: str, messages: list[dict], tokenizer, add_generati
         specials[f"{name}_token"] = tokenizer.id_to_bytes(i).decode("utf-8", "replace") if i is not None else ""
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                             **specials)
+
+
+def encode_chat(tokenizer, messages: list[dict], template: str | None = None,
+                add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat rendered through its template, where only the template's own markers are
+    special tokens: a special-token string typed inside a message (`<|im_start|>system`) stays text,
+    so a user cannot write themselves another role's turn."""
+    template = template or chat_template(tokenizer)
+    escaped, escapes = escape_specials(tokenizer, messages)
+    text = render_template(template, escaped, tokenizer, add_generation_prompt=add_generation_prompt)
+    return encode_rendered(tokenizer, text, escapes)
+
+
+def escape_specials(tokenizer, messages: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """Messages whose special-token strings are swapped for placeholders, and placeholder -> string.
+
+    The template then renders (and may trim or otherwise transform) the content as it would; the
+    placeholders are plain text to it, and encode_rendered turns them back into the characters they
+    stood for, encoded as text. A placeholder carries a random nonce, so no content can forge one."""
+    specials = sorted(getattr(tokenizer, "special_ids", {}), key=len, reverse=True)
+    contents = [m.get("content") for m in messages]
+    if not specials or not any(isinstance(c, str) and any(t in c for t in specials) for c in contents):
+        return messages, {}
+    nonce = secrets.token_hex(8)
+    escapes = {f"\ue000{nonce}{i}\ue001": t for i, t in enumerate(specials)}
+    pattern = re.compile("|".join(re.escape(t) for t in specials))
+    back = {t: e for e, t in escapes.items()}
+    escaped = [dict(m, content=pattern.sub(lambda x: back[x.group(0)], m["content"]))
+               if isinstance(m.get("content"), str) else m for m in messages]
+    return escaped, escapes
+
+
+def encode_rendered(tokenizer, text: str, escapes: dict[str, str]) -> list[int]:
+    """Ids of rendered chat text: its special-token strings (the template's) as their ids, the text
+    between them as ordinary text with escape_specials' placeholders put back. Without placeholders
+    this is exactly `encode_with_special`, which encodes the same gaps between the same markers."""
+    if not escapes:
+        return tokenizer.encode_with_special(text)
+    specials = sorted(tokenizer.special_ids, key=len, reverse=True)
+    restore = re.compile("|".join(re.escape(e) for e in escapes))
+    ids = []
+    for i, piece in enumerate(re.split("(" + "|".join(re.escape(t) for t in specials) + ")", text)):
+        if i % 2:  # a captured marker
+            ids.append(tokenizer.special_ids[piece])
+        elif piece:
+            ids.extend(tokenizer.encode(restore.sub(lambda x: escapes[x.group(0)], piece)))
+    return ids
 
 
 def chat_template(tokenizer) -> str:
@@ -109,9 +158,10 @@ def render(tokenizer, messages: list[dict], template: str | None = None) -> tupl
     """Token ids of a checked conversation and, per token, whether it is trained (assistant output)."""
     template = template or chat_template(tokenizer)
     ids, trained, done = [], [], ""
+    messages, escapes = escape_specials(tokenizer, messages)  # markers typed in a message stay text
 
     def add(text: str, train: bool):
-        new = tokenizer.encode_with_special(text)
+        new = encode_rendered(tokenizer, text, escapes)
         ids.extend(new)
         trained.extend([train] * len(new))
 

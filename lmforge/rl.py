@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model_folder
 from lmforge.common import LmforgeError, atomic_write_text, autocast, get_device, print0, resolve_dtype, seed_everything
-from lmforge.conversations import chat_template, pad_token_id, render_template
+from lmforge.conversations import chat_template, encode_chat, pad_token_id
 from lmforge.optim import build_optimizers, lr_multiplier, set_lr
 from lmforge.posttrain import pad_rows, read_settings, rewind_metrics, save_settings
 from lmforge.tokenizer import load_tokenizer
@@ -225,7 +225,7 @@ def rollout(llm, tokenizer, items: list[Item], *, n: int, max_tokens: int, tempe
     from lmforge.engine import SamplingParams
 
     template, end = chat_template(tokenizer), turn_end_id(tokenizer)
-    prompts = [tokenizer.encode_with_special(render_template(template, it.messages, tokenizer)) for it in items]
+    prompts = [encode_chat(tokenizer, it.messages, template) for it in items]
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed + 1000 * i,
                              stop_token_ids=[end], ignore_eos=True, skip_special_tokens=False, **sampling)
               for i in range(len(items))]

@@ -229,12 +229,34 @@ def test_tokens_per_minute_hold_concurrent_requests_to_the_limit(live):
     assert status == 429 and "more than the key's limit of 100 tokens per minute" in error["error"]["message"]
 
 
-def test_token_budget_is_429_once_spent(live):
+def test_token_budget_holds_what_a_request_may_use(live):
     budget = live.served.keys.create_key("budget", token_budget=5)[0]
-    live.client(budget).completions.create(model="tiny", prompt="def fib(n):", max_tokens=4)
-    with pytest.raises(openai.RateLimitError) as e:
-        live.client(budget).completions.create(model="tiny", prompt="x", max_tokens=1)
-    assert e.value.body["code"] == "insufficient_quota"
+    key_id = parse_key(budget)[0]
+    with pytest.raises(openai.RateLimitError) as e:  # its prompt plus 4 tokens may pass 5: refused before it runs
+        live.client(budget).completions.create(model="tiny", prompt="def fib(n):", max_tokens=4)
+    assert e.value.body["code"] == "insufficient_quota" and live.served.keys.tokens_used(key_id) == 0
+    used = live.client(budget).completions.create(model="tiny", prompt="x", max_tokens=1).usage.total_tokens
+    assert live.served.keys.tokens_used(key_id) == used
+
+
+def test_token_budget_holds_under_concurrency(live):
+    """16 requests at once, each of which may use 1 + 8 tokens, against a budget of 40: at most 4 run.
+    Checking what was used before each request let all 16 through (144 tokens billed)."""
+    budget = live.served.keys.create_key("budget-concurrent", token_budget=40)[0]
+    client = live.client(budget)
+
+    def one(_):
+        try:
+            return client.completions.create(model="tiny", prompt="x", max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True}).usage.total_tokens
+        except openai.RateLimitError as e:
+            assert e.body["code"] == "insufficient_quota"
+            return 0
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        used = list(pool.map(one, range(16)))
+    assert 1 <= sum(u > 0 for u in used) <= 4
+    assert live.served.keys.tokens_used(parse_key(budget)[0]) == sum(used) <= 40
 
 
 def test_admin_routes_need_an_admin_key_and_manage_keys(live, key):

@@ -19,6 +19,7 @@ much busier: its prefix cache then turns the prefill into a hit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import threading
 from collections import OrderedDict
@@ -49,12 +50,45 @@ async def drain(worker, seconds: float) -> None:
         await asyncio.sleep(0.05)
 
 
+def check_embed(prompt_ids: list[int], context: int) -> None:
+    if not prompt_ids:
+        raise LmforgeError("input is empty (0 tokens)")
+    if len(prompt_ids) > context:
+        raise LmforgeError(f"input has {len(prompt_ids)} tokens but the model's context is {context}")
+
+
+def run_embed(llm: LLM, ids: list[int]) -> list[float] | BaseException:
+    """One embedding, or the exception it raised (handed to its caller, never to the step loop)."""
+    try:
+        return llm.runner.embed(ids).tolist()
+    except LmforgeError as e:
+        return e
+    except Exception as e:  # noqa: BLE001 - one input's failure is that request's alone
+        return EngineError(f"the engine failed on this embedding: {type(e).__name__}: {e}")
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    if future.done():  # its caller went away
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
 class Overloaded(LmforgeError):
     """Too many requests in flight: try again shortly."""
 
 
 class EngineError(LmforgeError):
     """The engine itself failed (a bug or the device), not the request."""
+
+
+def failed(out: RequestOutput) -> None:
+    """Raise EngineError for an output that says its request failed in the engine (the engine and
+    every other request go on)."""
+    if out.finish_reason == "error":
+        raise EngineError(f"the engine failed on this request: {out.error}")
 
 
 class AsyncEngine:
@@ -67,6 +101,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # the LLM is not thread-safe: steps, adds and aborts take turns
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._embeds: collections.deque = collections.deque()  # (ids, loop, future), run by the step loop
         self._stopping = False
         self._ids = itertools.count()
         self.error: BaseException | None = None
@@ -75,8 +110,14 @@ class AsyncEngine:
 
     @property
     def num_pending(self) -> int:
-        """Requests in flight (queued or generating): the router's measure of load."""
-        return len(self._queues)
+        """Requests in flight (queued or generating, embeddings included): the router's measure of load."""
+        return len(self._queues) + len(self._embeds)
+
+    def _admit(self) -> None:
+        if self._stopping:
+            raise Overloaded("the server is shutting down; retry on another replica")
+        if self.num_pending >= self.max_pending:
+            raise Overloaded(f"{self.num_pending} requests in flight (the limit is {self.max_pending}); retry shortly")
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
                        salt: bytes = b"") -> AsyncIterator[RequestOutput]:
@@ -84,10 +125,7 @@ class AsyncEngine:
 
         Raises LmforgeError for a request the engine cannot run (the caller's mistake), Overloaded
         when max_pending requests are already in flight or the engine is shutting down."""
-        if self._stopping:
-            raise Overloaded("the server is shutting down; retry on another replica")
-        if self.num_pending >= self.max_pending:
-            raise Overloaded(f"{self.num_pending} requests in flight (the limit is {self.max_pending}); retry shortly")
+        self._admit()
         request_id = request_id or f"{self.name}-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -100,6 +138,7 @@ class AsyncEngine:
                 out = await queue.get()
                 if isinstance(out, BaseException):
                     raise EngineError(f"the engine failed: {out}") from out
+                failed(out)
                 remaining -= out.finished
                 yield out
         finally:
@@ -109,17 +148,15 @@ class AsyncEngine:
                     self.llm.abort(request_id)
 
     async def embed(self, prompt_ids: list[int]) -> list[float]:
-        """Mean-pooled final hidden state (unit length), computed between engine steps."""
-        if not prompt_ids:
-            raise LmforgeError("input is empty (0 tokens)")
-        if len(prompt_ids) > self.llm.context:
-            raise LmforgeError(f"input has {len(prompt_ids)} tokens but the model's context is {self.llm.context}")
-
-        def run():
-            with self._lock:
-                return self.llm.runner.embed(prompt_ids).tolist()
-
-        return await asyncio.get_running_loop().run_in_executor(None, run)
+        """Mean-pooled final hidden state (unit length), computed by the step loop between steps: one
+        embedding per step while requests are generating, so a flood of them cannot starve decoding."""
+        check_embed(prompt_ids, self.llm.context)
+        self._admit()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._embeds.append((list(prompt_ids), loop, future))
+        self._wake.set()
+        return await future
 
     def attach(self) -> None:
         """Nothing to do: the step loop's thread hands outputs to whichever loop each caller runs on
@@ -151,8 +188,13 @@ class AsyncEngine:
         if self.llm.device.type == "cpu" and self.cpu_threads:
             torch.set_num_threads(self.cpu_threads)
         while not (self._stopping and not self.num_pending):
+            if self._embeds:
+                ids, loop, future = self._embeds.popleft()
+                with self._lock:
+                    result = run_embed(self.llm, ids)
+                loop.call_soon_threadsafe(_settle, future, result)
             with self._lock:
-                busy = self.llm.has_unfinished()
+                busy = self.llm.has_unfinished() or bool(self._embeds)
                 try:
                     outputs = self.llm.step() if busy else []
                 except BaseException as e:  # noqa: BLE001 - reported to every waiting caller, not lost
@@ -167,6 +209,7 @@ class AsyncEngine:
                 if target is not None:
                     loop, queue = target
                     loop.call_soon_threadsafe(queue.put_nowait, out)
+            busy = busy or bool(self._embeds)
             if not busy:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()

@@ -18,6 +18,7 @@ for the prefix cache.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from lmforge.engine.scheduler import Scheduler
 from lmforge.engine.sequence import SamplingParams, Sequence
 from lmforge.generate import TextStream, check_prompt
 
+log = logging.getLogger(__name__)
 Logprob = tuple[float, list[tuple[int, float]]]  # (chosen token's log-probability, [(token, lp)] top k)
 
 
@@ -44,11 +46,12 @@ class RequestOutput:
     text: str  # new printable text this step ('' without a tokenizer)
     logprobs: list[Logprob]  # one per new token, when asked for
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort"
+    finish_reason: str | None  # "stop", "length", "abort", or "error" (this request failed; see error)
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
     prompt_logprobs: list[Logprob | None] | None = None  # with the first output, when asked for
+    error: str | None = None  # with finish_reason "error": what went wrong (the other requests go on)
 
 
 @dataclass
@@ -135,7 +138,7 @@ class LLM:
         for i in range(params.n):
             generator = torch.Generator(device=self.device)
             if params.seed is not None:
-                generator.manual_seed(params.seed + i)
+                generator.manual_seed((params.seed + i) & (2**64 - 1))  # a 64-bit seed; n choices wrap
             else:
                 generator.manual_seed(int(torch.randint(2**62, (1,), generator=self._rng)))
             seq = Sequence(prompt_ids, params, request_id=request_id, index=i, salt=salt, generator=generator)
@@ -168,6 +171,9 @@ class LLM:
     # ------------------------------------------------------------------------- one step
 
     def step(self) -> list[RequestOutput]:
+        """One scheduled batch: what every request in it gained. An exception raised while handling
+        one request fails that request alone (an output with finish_reason "error"); the others in
+        the batch go on, this step or the next."""
         batch = self.scheduler.schedule()
         if not batch:
             assert not self.scheduler.has_work(), "work is waiting but nothing could be scheduled"
@@ -183,26 +189,68 @@ class LLM:
                     rows.append(offset + n - 1)
                 samplers.append((seq, len(rows) - 1))
             offset += n
-        logits = self.runner.run(batch, rows)[:, :self.num_tokens]  # (rows, V)
+        try:
+            logits = self.runner.run(batch, rows)[:, :self.num_tokens]  # (rows, V)
+        except Exception as e:  # noqa: BLE001 - find whose request it was; nothing was committed yet
+            return self._isolate(batch, e)
         for seq, n in batch:
             seq.num_computed += n
             self.block_manager.commit(seq)
+        failed: list[RequestOutput] = []
         for seq, first, n in scorers:
-            self._score_prompt(seq, logits[first:first + n], seq.num_computed - n)
+            self._guarded(failed, seq, self._score_prompt, seq, logits[first:first + n], seq.num_computed - n)
 
         outputs = []
+        samplers = [(s, r) for s, r in samplers if not s.finished]
         if samplers:
             seqs = [s for s, _ in samplers]
             picked = logits if len(samplers) == len(logits) else logits[[r for _, r in samplers]]  # (B, V)
-            tokens = sample(picked, seqs).tolist()
+            try:
+                tokens = sample(picked, seqs).tolist()
+            except Exception:  # noqa: BLE001 - one row at a time, to fail only the row that raises
+                tokens = [self._guarded(failed, s, lambda i=i, s=s: sample(picked[i:i + 1], [s]).item())
+                          for i, s in enumerate(seqs)]
             want = [s.params.logprobs for s in seqs]
             if any(k is not None for k in want):
-                reported = top_logprobs(picked, torch.tensor(tokens, device=picked.device), max(k or 0 for k in want))
+                chosen = torch.tensor([t if t is not None else 0 for t in tokens], device=picked.device)
+                reported = top_logprobs(picked, chosen, max(k or 0 for k in want))
             for i, (seq, token) in enumerate(zip(seqs, tokens)):
+                if token is None or seq.finished:
+                    continue
                 lp = [] if want[i] is None else [(reported[i][0], reported[i][1][:want[i]])]
-                outputs.append(self._append(seq, token, lp))
+                outputs.append(self._guarded(failed, seq, self._append, seq, token, lp))
         # Sequences still prefilling emit nothing this step; those that sampled report their token.
-        return [o for o in outputs if o is not None]
+        return failed + [o for o in outputs if o is not None]
+
+    def _guarded(self, failed: list[RequestOutput], seq: Sequence, fn, *args):
+        """fn(*args), or None with seq's request failed (its output added to `failed`) if it raises."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - one request's failure is that request's alone
+            failed.append(self._fail(seq, e))
+            return None
+
+    def _isolate(self, batch: list[tuple[Sequence, int]], error: Exception) -> list[RequestOutput]:
+        """The model failed on a batch: run each sequence's part alone to find which request it was,
+        and fail those. The rest were not advanced (their cache writes are made again), so the next
+        step schedules them as if this one had not happened. If every part runs alone, the failure
+        is the engine's, not a request's: it is raised."""
+        failed: list[RequestOutput] = []
+        for seq, n in batch:
+            if not seq.finished:
+                self._guarded(failed, seq, self.runner.run, [(seq, n)], [n - 1])
+        if not failed:
+            raise error
+        return failed
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        message = f"{type(error).__name__}: {error}"
+        log.error("request %s failed in the engine (the others go on): %s", seq.request_id, message,
+                  exc_info=error)
+        out = RequestOutput(seq.request_id, seq.index, [], "", [], True, "error", seq.num_prompt_tokens,
+                            seq.num_cached_prompt_tokens or 0, seq.num_output_tokens, error=message)
+        self.abort(seq.request_id)
+        return out
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
         """Prompt log-probabilities from one chunk's logits at positions start ..: the logits at p
@@ -265,6 +313,8 @@ class LLM:
         pieces: dict[tuple[str, int], list] = {}
         while self.has_unfinished():
             for out in self.step():
+                if out.finish_reason == "error":
+                    raise LmforgeError(f"request {out.request_id} failed in the engine: {out.error}")
                 key = (out.request_id, out.index)
                 acc = pieces.setdefault(key, [[], [], [], out.prompt_logprobs])
                 acc[0] += out.token_ids

@@ -15,6 +15,7 @@ The two processes talk over one pipe, in pickled tuples:
 
     front -> worker   ("add", request_id, prompt_ids, params, salt)   ("abort", request_id)
                       ("embed", ticket, ids)                          ("stop",)
+                      (embeddings wait in a queue: one runs per step while requests generate)
     worker -> front   ("ready", facts)        once the model is loaded
                       ("out", outputs, stats) after each step: every request's gains, one message
                       ("stats", stats)        when it goes idle (so /metrics sees freed blocks)
@@ -22,7 +23,9 @@ The two processes talk over one pipe, in pickled tuples:
                       ("embedded", ticket, vector or error)
 
 The front process checks each request the way LLM.add_request would (llm.check_request) before
-sending it, so a bad request fails at once in the caller. The event loop reads the pipe through
+sending it, so a bad request fails at once in the caller; whatever else one request makes go wrong
+in the worker (an exception adding it, in its part of a step, in its embedding) fails that request
+alone, and the worker serves the rest. The event loop reads the pipe through
 `add_reader` (no thread in between) and hands its writes to one sender thread, so it never blocks
 on a full pipe; the worker blocks on the pipe when it has nothing to do. If the worker dies, every
 caller gets EngineError and later requests are refused.
@@ -34,6 +37,7 @@ usual `if __name__ == "__main__":` guard.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import itertools
 import logging
@@ -44,7 +48,7 @@ from collections.abc import AsyncIterator, Callable
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.engine.async_engine import EngineError, Overloaded, drain, engine_stats
+from lmforge.engine.async_engine import EngineError, Overloaded, check_embed, drain, engine_stats, failed, run_embed
 from lmforge.engine.llm import LLM, RequestOutput, check_request
 from lmforge.engine.sequence import SamplingParams
 
@@ -100,7 +104,8 @@ class ProcessEngine:
 
     @property
     def num_pending(self) -> int:
-        return len(self._queues)
+        """Requests in flight, embeddings included: admission's bound and the router's measure of load."""
+        return len(self._queues) + len(self._embeds)
 
     @property
     def alive(self) -> bool:
@@ -128,6 +133,7 @@ class ProcessEngine:
                 out = await queue.get()
                 if isinstance(out, BaseException):
                     raise out
+                failed(out)
                 remaining -= out.finished
                 yield out
         finally:
@@ -136,11 +142,8 @@ class ProcessEngine:
                 self._send(("abort", request_id))
 
     async def embed(self, prompt_ids: list[int]) -> list[float]:
+        check_embed(prompt_ids, self.context)
         self._admit()
-        if not prompt_ids:
-            raise LmforgeError("input is empty (0 tokens)")
-        if len(prompt_ids) > self.context:
-            raise LmforgeError(f"input has {len(prompt_ids)} tokens but the model's context is {self.context}")
         ticket = next(self._tickets)
         future = asyncio.get_running_loop().create_future()
         self._embeds[ticket] = future
@@ -288,20 +291,24 @@ def _worker_main(make_llm: Callable[[], LLM], conn, cpu_threads: int | None) -> 
         return
     facts = (llm.config, llm.num_tokens, llm.tokenizer is not None, llm.block_manager.block_size, engine_stats(llm))
     conn.send(("ready", facts))
+    embeds: collections.deque = collections.deque()  # (ticket, ids): one a step while generating
     try:
         while True:
-            idle = not llm.has_unfinished()
+            idle = not llm.has_unfinished() and not embeds
             if idle:
                 conn.send(("stats", engine_stats(llm)))
-            while conn.poll(None if idle else 0):  # block only when there is nothing to step
-                if not _handle(llm, conn, conn.recv()):
+            while conn.poll(None if idle else 0):  # block only when there is nothing to do
+                if not _handle(llm, conn, conn.recv(), embeds):
                     return
                 idle = False
+            if embeds:
+                ticket, ids = embeds.popleft()
+                conn.send(("embedded", ticket, run_embed(llm, ids)))
             if not llm.has_unfinished():
                 continue
             try:
                 outputs = llm.step()
-            except Exception as e:  # noqa: BLE001 - reported to every waiting caller, then carry on
+            except Exception as e:  # noqa: BLE001 - the engine's own failure: every caller is told, then carry on
                 conn.send(("failed", f"{type(e).__name__}: {e}", llm.request_ids))
                 for request_id in llm.request_ids:
                     llm.abort(request_id)
@@ -311,8 +318,9 @@ def _worker_main(make_llm: Callable[[], LLM], conn, cpu_threads: int | None) -> 
         return  # the front process is gone (a closed or reset pipe)
 
 
-def _handle(llm: LLM, conn, message: tuple) -> bool:
-    """Apply one message from the front process; False means stop."""
+def _handle(llm: LLM, conn, message: tuple, embeds: collections.deque) -> bool:
+    """Apply one message from the front process; False means stop. A request that cannot be added
+    is refused alone: nothing it sends ends the worker."""
     kind = message[0]
     if kind == "add":
         _, request_id, prompt_ids, params, salt = message
@@ -320,14 +328,14 @@ def _handle(llm: LLM, conn, message: tuple) -> bool:
             llm.add_request(prompt_ids, params, request_id=request_id, salt=salt)
         except LmforgeError as e:
             conn.send(("rejected", request_id, e))
+        except Exception as e:  # noqa: BLE001 - the front checked it, so this is ours, not the caller's
+            log.exception("request %s could not be added", request_id)
+            conn.send(("rejected", request_id, EngineError(f"the engine could not take this request: "
+                                                           f"{type(e).__name__}: {e}")))
     elif kind == "abort":
         llm.abort(message[1])
     elif kind == "embed":
-        try:
-            result = llm.runner.embed(message[2]).tolist()
-        except LmforgeError as e:
-            result = e
-        conn.send(("embedded", message[1], result))
+        embeds.append((message[1], message[2]))
     elif kind == "stop":
         return False
     return True

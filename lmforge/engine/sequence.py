@@ -58,6 +58,7 @@ class SamplingParams:
             ("stop_token_ids", all(0 <= t < vocab_size for t in self.stop_token_ids),
              f"must be token ids in 0..{vocab_size - 1}"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "must be a 64-bit integer"),
         ]
         for name, ok, why in checks:
             if not ok:
