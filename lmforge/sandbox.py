@@ -69,7 +69,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.common import LmforgeError
+from lmforge.base import LmforgeError  # not lmforge.common: the sandbox needs no torch
 
 # The child's exit code when the audit hook ends it. A program that calls sys.exit(199) itself reads as
 # blocked too: that can only make its own result worse, so it is not worth a second channel.
