@@ -319,13 +319,14 @@ def seccomp(ctypes, libc, zero):
 
 def install_guard(cfg, kernel_stops_processes, read_cap):
     """The audit hook. Any exception in a check counts as a refusal (fail closed)."""
+    import types
     work, me, blocked_exit = os.path.realpath(cfg["work"]), os.getpid(), cfg["blocked_exit"]
     python_roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
     devices = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/stdin", "/dev/stdout", "/dev/stderr"}
     # Without the seccomp layer, _posixsubprocess.fork_exec (what subprocess and multiprocessing call)
     # starts processes with no audit event of its own; then `import subprocess` has to go too.
-    forbidden_modules = {"ctypes", "_ctypes"} | (set() if kernel_stops_processes else {"_posixsubprocess"})
+    forbidden_modules = frozenset({"ctypes", "_ctypes"} | (set() if kernel_stops_processes else {"_posixsubprocess"}))
 
     def resolve(path, dir_fd=None, follow=True):
         if isinstance(path, int):
@@ -375,7 +376,10 @@ def install_guard(cfg, kernel_stops_processes, read_cap):
         return path is None or isinstance(path, int) or inside(path) or may_read(resolve(path))
 
     at = lambda a, i: a[i] if len(a) > i else None  # dir_fd arguments came in over Python versions
-    checks = {
+    # The tables are immutable and gc's object walks are blocked below, so a program cannot empty them;
+    # the hook can still be fooled (it calls os.path functions a program may replace): the kernel
+    # layers are what hold.
+    checks = types.MappingProxyType({
         "open": lambda a: may_open(*a),
         "os.listdir": lambda a: may_list(a[0]),
         "os.scandir": lambda a: may_list(a[0]),
@@ -396,8 +400,9 @@ def install_guard(cfg, kernel_stops_processes, read_cap):
         "os.killpg": lambda a: a[0] == me,
         "socket.__new__": lambda a: a[1] == AF_UNIX,  # asyncio's self-pipe is an AF_UNIX socketpair
         "import": lambda a: a[0] not in forbidden_modules and not a[0].startswith("ctypes."),
-    }
-    always_blocked = {
+        "sqlite3.connect": lambda a: inside(a[0]),  # ":memory:" and "" resolve inside too; URIs and ATTACH: kernel
+    })
+    always_blocked = frozenset({
         "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.startfile",
         "subprocess.Popen", "pty.spawn",
         # connect/bind are refused for AF_UNIX too: a filesystem socket (docker, dbus) is a way out
@@ -406,7 +411,9 @@ def install_guard(cfg, kernel_stops_processes, read_cap):
         "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function", "ctypes.cdata",
         "ctypes.cdata/buffer", "ctypes.addressof", "ctypes.string_at", "ctypes.wstring_at",
         "ctypes.PyObj_FromPtr", "fcntl.ioctl", "resource.setrlimit", "resource.prlimit", "webbrowser.open",
-    }
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents",  # ways to reach the hook's own objects
+        "sqlite3.enable_load_extension", "sqlite3.load_extension",  # native code from a file
+    })
 
     def block(event):
         for stream in (sys.stdout, sys.stderr):  # keep what the program printed before this
