@@ -74,8 +74,18 @@ from lmforge.base import LmforgeError  # not lmforge.common: the sandbox needs n
 # The child's exit code when the audit hook ends it. A program that calls sys.exit(199) itself reads as
 # blocked too: that can only make its own result worse, so it is not worth a second channel.
 BLOCKED_EXIT_CODE = 199
-# The child's exit code when it cannot set its own limits up (a bug or an unusual kernel, not the code).
+# The child's exit code when it cannot set its own limits up (a bug or an unusual kernel, not the code),
+# or when a required kernel layer did not take in this run.
 SETUP_FAILED_EXIT_CODE = 198
+# The kernel layers without which the sandbox refuses to run, and what each one needs from the machine.
+KERNEL_LAYERS = ("netns", "seccomp", "landlock")
+_LAYER_NEEDS = {
+    "netns": "root or unprivileged user namespaces (sysctl user.max_user_namespaces > 0)",
+    "seccomp": "seccomp filters on x86_64",
+    "landlock": "Landlock: Linux >= 5.13 with landlock in the boot-time LSM list (lsm=)",
+}
+# Set to "1" to run even where a kernel layer is missing, as Limits(allow_weak=True) does.
+ALLOW_WEAK_ENV = "LMFORGE_SANDBOX_ALLOW_WEAK"
 
 
 @dataclass
@@ -99,6 +109,7 @@ class Limits:
     memory_mb: int = 512  # RLIMIT_AS: address space, so a little above what the program may touch
     max_output_bytes: int = 64_000  # per stream; the rest is read and dropped
     file_size_mb: int = 8  # RLIMIT_FSIZE: the largest file the program may write
+    allow_weak: bool = False  # run even where a layer of KERNEL_LAYERS is missing (or set ALLOW_WEAK_ENV=1)
 
     def __post_init__(self):
         if not self.timeout_s > 0:
@@ -472,6 +483,10 @@ def main():
         os._exit(cfg["setup_failed_exit"])
     for name in [m for m in sys.modules if m in ("ctypes", "_ctypes") or m.startswith("ctypes.")]:
         del sys.modules[name]  # so that `import ctypes` is a fresh import, which the hook sees
+    missing = [layer for layer in cfg["required"] if layer not in layers]
+    if missing:  # the probe had them: a kernel limit hit in this run (user namespaces used up, say)
+        os.write(2, f"lmforge-sandbox: setup failed: the {', '.join(missing)} layer did not take\n".encode())
+        os._exit(cfg["setup_failed_exit"])
     install_guard(cfg, "seccomp" in layers, read_cap)
     layers.append("audit")
     if cfg["probe"]:
@@ -503,7 +518,7 @@ def run_python(code: str, *, stdin: str = "", limits: Limits = Limits()) -> Sand
     if not isinstance(code, str) or not isinstance(stdin, str):
         raise LmforgeError(f"run_python takes the program and its stdin as str, got {type(code).__name__} "
                            f"and {type(stdin).__name__}")
-    return _run(code, stdin, limits, probe=False)
+    return _run(code, stdin, limits, probe=False, required=_required_layers(limits))
 
 
 def run_many(codes: list[str], *, limits: Limits = Limits(), workers: int | None = None) -> list[SandboxResult]:
@@ -516,6 +531,7 @@ def run_many(codes: list[str], *, limits: Limits = Limits(), workers: int | None
     codes = list(codes)
     if not codes:
         return []
+    _required_layers(limits)  # refuse before any thread starts
     workers = min(workers or os.cpu_count() or 1, len(codes))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
         return list(pool.map(lambda code: run_python(code, limits=limits), codes))
@@ -531,7 +547,22 @@ def active_layers() -> tuple[str, ...]:
     return tuple(json.loads(result.stdout))
 
 
-def _run(code: str, stdin: str, limits: Limits, probe: bool) -> SandboxResult:
+def _required_layers(limits: Limits) -> tuple[str, ...]:
+    """The kernel layers each child must get, which it checks for itself before it runs anything: all of
+    KERNEL_LAYERS, or none when the user opted in to a weaker sandbox. Refuses when this machine lacks one."""
+    if limits.allow_weak or os.environ.get(ALLOW_WEAK_ENV) == "1":
+        return ()
+    missing = [layer for layer in KERNEL_LAYERS if layer not in active_layers()]
+    if missing:
+        needs = "; ".join(f"{layer} needs {_LAYER_NEEDS.get(layer, 'a kernel feature')}" for layer in missing)
+        what = f"{', '.join(missing)} layer{'s are' if len(missing) > 1 else ' is'}"
+        raise LmforgeError(f"the sandbox's {what} missing on this machine ({needs}), so "
+                           "generated code would run less confined; run where it is available, or accept the "
+                           f"weaker sandbox with Limits(allow_weak=True) or {ALLOW_WEAK_ENV}=1")
+    return KERNEL_LAYERS
+
+
+def _run(code: str, stdin: str, limits: Limits, probe: bool, required: tuple[str, ...] = ()) -> SandboxResult:
     if not sys.platform.startswith("linux"):
         raise LmforgeError(f"the sandbox needs Linux (rlimits, namespaces, /proc); this is {sys.platform}")
     root = Path(tempfile.mkdtemp(prefix="lmforge-sandbox-"))
@@ -544,8 +575,8 @@ def _run(code: str, stdin: str, limits: Limits, probe: bool) -> SandboxResult:
         # other sandboxes (which may list /tmp) cannot read either
         _write_private(program, code.encode("utf-8", "surrogatepass"))
         _write_private(root / "stdin", stdin.encode("utf-8", "surrogatepass"))
-        config = {"work": str(work), "program": str(program), "probe": probe, "cpu_s": limits.cpu_s,
-                  "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb,
+        config = {"work": str(work), "program": str(program), "probe": probe, "required": list(required),
+                  "cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb,
                   "blocked_exit": BLOCKED_EXIT_CODE, "setup_failed_exit": SETUP_FAILED_EXIT_CODE}
         argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP, json.dumps(config)]
         start = time.monotonic()

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from lmforge import sandbox
 from lmforge.common import LmforgeError
-from lmforge.sandbox import BLOCKED_EXIT_CODE, Limits, active_layers, run_many, run_python
+from lmforge.sandbox import BLOCKED_EXIT_CODE, SETUP_FAILED_EXIT_CODE, Limits, active_layers, run_many, run_python
 
 MARKER = "lmforge-sandbox: blocked"
 FAST = Limits(timeout_s=0.5)
@@ -530,3 +531,28 @@ def test_active_layers():
     assert {"session", "tempdir", "rlimits", "audit"} <= set(layers)
     assert set(layers) <= {"session", "tempdir", "netns", "uid", "landlock", "seccomp", "rlimits", "audit"}
 
+
+def test_a_missing_kernel_layer_refuses_to_run_unless_the_user_opts_in(monkeypatch):
+    here = active_layers()
+    monkeypatch.setattr(sandbox, "active_layers", lambda: tuple(layer for layer in here if layer != "seccomp"))
+    monkeypatch.delenv("LMFORGE_SANDBOX_ALLOW_WEAK", raising=False)
+    with pytest.raises(LmforgeError, match=r"seccomp.*Limits\(allow_weak=True\).*LMFORGE_SANDBOX_ALLOW_WEAK=1"):
+        run_python("print(1)")
+    with pytest.raises(LmforgeError, match="seccomp"):
+        run_many(["print(1)", "print(2)"])
+    assert run_python("print(1)", limits=Limits(allow_weak=True)).stdout == "1\n"
+    monkeypatch.setenv("LMFORGE_SANDBOX_ALLOW_WEAK", "1")
+    assert [r.stdout for r in run_many(["print(1)", "print(2)"])] == ["1\n", "2\n"]
+    monkeypatch.setenv("LMFORGE_SANDBOX_ALLOW_WEAK", "0")  # only "1" opts in
+    with pytest.raises(LmforgeError, match="seccomp"):
+        run_python("print(1)")
+
+
+def test_a_layer_that_does_not_take_in_one_run_stops_that_run(monkeypatch):
+    # the probe is measured once; each child checks again, and runs nothing without every required layer
+    here = active_layers()
+    monkeypatch.setattr(sandbox, "KERNEL_LAYERS", sandbox.KERNEL_LAYERS + ("imaginary",))
+    monkeypatch.setattr(sandbox, "active_layers", lambda: here + ("imaginary",))
+    r = run_python("print('ran')")
+    assert r.returncode == SETUP_FAILED_EXIT_CODE and r.reason == "error"
+    assert r.stdout == "" and "imaginary" in r.stderr
