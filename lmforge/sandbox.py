@@ -7,12 +7,15 @@ policy under RL pressure writes whatever scores: infinite loops, fork bombs, `rm
 thread pool, order kept. The sandbox is Linux only.
 
 The layers, outermost first. Each stops something the others may miss; `active_layers()` says which
-took on this machine (the kernel ones need privileges or kernel features a container may lack, and the
-child falls back silently to the rest):
+took on this machine. The kernel ones (`KERNEL_LAYERS`: netns, landlock, seccomp) need privileges or
+kernel features a container may lack: without one, `run_python` and `run_many` refuse with an
+LmforgeError that names it, unless the user accepts the weaker sandbox (`Limits(allow_weak=True)` or
+LMFORGE_SANDBOX_ALLOW_WEAK=1). Each child checks them again and runs nothing if one did not take.
 
   session   The child leads a new session (`start_new_session`), so the parent kills its whole process
             group with SIGKILL on timeout and again after every exit: nothing it started outlives it.
-  tempdir   It starts in an empty temporary folder (deleted afterwards) with a minimal environment, on
+  tempdir   It starts in an empty temporary folder (deleted afterwards) with a minimal environment (PATH,
+            HOME and TMPDIR = the folder, LANG, MALLOC_ARENA_MAX: nothing of the parent's), on
             `python -I -S -B`: no user site, no site-packages, no PYTHON* variables, no .pyc writes; only
             the standard library is importable. Output comes back through pipes the parent drains into
             buffers capped at `max_output_bytes`, so a program printing gigabytes costs no memory.
@@ -22,12 +25,24 @@ child falls back silently to the rest):
             is the parent's job.
   netns     `unshare(CLONE_NEWNET)` (root) or `CLONE_NEWUSER | CLONE_NEWNET` (others): the child sees a
             network namespace whose only interface, `lo`, is down. No packet leaves it, 127.0.0.1
-            included, whatever the audit layer misses.
+            included, whatever the audit layer misses. (In its own user namespace, a non-root child also
+            cannot read the parent's /proc/<pid>/environ or memory.)
   uid       When started as root, the child moves to a fresh random uid (falling back to 65534), so the
             kernel refuses writes to files it does not own, signals to other processes, and privileged
             calls. It keeps one capability, CAP_DAC_READ_SEARCH, only when the interpreter's stdlib is not
             world-readable (a pyenv under a 0700 /root): so it can import the stdlib, at the price that
-            the kernel then lets it read any file; the audit layer narrows reads back down.
+            file permissions then let it read any file; the landlock layer narrows reads back down.
+            Not a required layer: a child of an ordinary user stays that user, and landlock confines it.
+  landlock  A Landlock ruleset (unprivileged; Linux >= 5.13), set after the uid change and before
+            seccomp, for the child and anything it could start. Writes of any kind (create, write,
+            truncate, delete, rename, link, mkdir, mkfifo, mknod, bind a socket file) only inside the
+            folder, and to /dev/null; reads only of the folder, the Python installation, system library
+            trees (/usr, /lib*), /proc, stdin and a few named files (/etc/ld.so.cache, localtime,
+            mime.types, passwd, group, ...); nothing executed. So C code that opens files itself
+            (sqlite3, readline) and a program that fools the audit hook stay in the folder, and the user's
+            home, other users' files and world-readable files elsewhere stay unread, root or not. It also
+            refuses ptrace-mode access (/proc/<pid>/environ, mem) to processes outside the sandbox, and
+            on ABI >= 4 TCP bind/connect, on ABI >= 6 signals and abstract unix sockets out of it.
   seccomp   (x86_64) A kernel filter that fails fork/vfork/clone-without-CLONE_THREAD, execve,
             non-AF_UNIX sockets, signals to other processes, TIOCSTI terminal injection, ptrace,
             namespaces, io_uring, bpf and perf events with EPERM. Threads still work (clone3 answers
@@ -37,20 +52,26 @@ child falls back silently to the rest):
             "lmforge-sandbox: blocked <event>", exit code `BLOCKED_EXIT_CODE`, reason "blocked") on:
             process creation (os.fork/forkpty/system/exec/posix_spawn, subprocess.Popen, pty.spawn),
             network (non-AF_UNIX sockets, connect, bind, sendto, name lookups), ctypes (importing it,
-            dlopen, calling foreign functions), signals to other processes, raising rlimits, ioctl, and
-            writes outside the temporary folder (open for writing, remove, rename, link, mkdir, chmod,
-            ...; symlinks and dir_fd are resolved first). Reads stay allowed, except of devices other
-            than /dev/null, zero, (u)random and std streams; of directories outside the folder (a
-            directory descriptor would let `dir_fd=` calls write outside it); and, where the child kept
-            CAP_DAC_READ_SEARCH, of files and listings outside the Python installation that any user
-            could not read (/etc/shadow, ~/.ssh).
+            dlopen, calling foreign functions), signals to other processes, raising rlimits, ioctl, gc's
+            object walks (get_objects/get_referrers/get_referents: the way to the hook's own tables, which
+            are immutable besides), sqlite extensions, and writes outside the temporary folder (open for
+            writing, remove, rename, link, mkdir, chmod, sqlite3.connect, ...; symlinks and dir_fd are
+            resolved first). Reads stay allowed, except of devices other than /dev/null, zero, (u)random
+            and std streams; of directory descriptors outside the folder (for `dir_fd=` calls); and,
+            where the child kept CAP_DAC_READ_SEARCH, of files and listings outside the Python
+            installation that any user could not read (/etc/shadow, ~/.ssh). It names what a program
+            tried; the kernel layers are what enforce: the hook sees only calls that raise an audit
+            event (not os.mkfifo, sqlite's ATTACH, readline's history file), and a program can fool it
+            from inside (it calls os.path functions the program may replace).
 
-What this is not: a security boundary against a determined attacker, the way a VM or gVisor is. Audit
-hooks are documented as bypassable by in-process tricks (PEP 578), the kernel layers above depend on
-what this machine grants, everything shares one kernel, a symlink swapped between the hook's check and
-the open is a race the hook loses, total disk use is bounded only by time x RLIMIT_FSIZE per file, and
-world-readable files are readable (with CAP_DAC_READ_SEARCH kept, every file, once past the hook). It
-is meant to make the mistakes and reward hacks of a language model harmless, and to report them.
+What this is not: a security boundary against a determined attacker, the way a VM or gVisor is. The
+audit hook is bypassable from inside (PEP 578) and is there to report; everything shares one kernel,
+whose bugs are the way out of every layer here; a symlink swapped between the hook's check and the open
+is a race the hook loses (the landlock layer does not); the child may still connect to unix sockets in
+the filesystem that its uid may open (the audit layer alone refuses connect: Landlock, up to ABI 7,
+has no right for it); total disk use is bounded only by time x RLIMIT_FSIZE per file; and with
+allow_weak, where a kernel layer is missing, the rest is all there is. It is meant to make the mistakes
+and reward hacks of a language model harmless, and to report them.
 """
 
 from __future__ import annotations
@@ -127,7 +148,8 @@ class Limits:
 # ----------------------------------------------------------------------------- the child
 # Run as `python -I -S -B -X utf8 -c _BOOTSTRAP <config json>`, in the empty folder. It reads the program,
 # sets the kernel layers up while it is still trusted code (setup order matters: the network namespace
-# needs root, which the uid change gives up; the seccomp filter forbids unshare), forgets ctypes, installs
+# needs root, which the uid change gives up; Landlock needs no_new_privs, or root; the seccomp filter
+# forbids unshare), checks that the required ones took, forgets ctypes, installs
 # the audit hook, then runs the program as `__main__`. A string, not a module of lmforge: under -I -S the
 # package is not importable, and the child should import as little as possible before the hook.
 _BOOTSTRAP = r'''
