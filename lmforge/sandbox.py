@@ -7,12 +7,15 @@ policy under RL pressure writes whatever scores: infinite loops, fork bombs, `rm
 thread pool, order kept. The sandbox is Linux only.
 
 The layers, outermost first. Each stops something the others may miss; `active_layers()` says which
-took on this machine (the kernel ones need privileges or kernel features a container may lack, and the
-child falls back silently to the rest):
+took on this machine. The kernel ones (`KERNEL_LAYERS`: netns, landlock, seccomp) need privileges or
+kernel features a container may lack: without one, `run_python` and `run_many` refuse with an
+LmforgeError that names it, unless the user accepts the weaker sandbox (`Limits(allow_weak=True)` or
+LMFORGE_SANDBOX_ALLOW_WEAK=1). Each child checks them again and runs nothing if one did not take.
 
   session   The child leads a new session (`start_new_session`), so the parent kills its whole process
             group with SIGKILL on timeout and again after every exit: nothing it started outlives it.
-  tempdir   It starts in an empty temporary folder (deleted afterwards) with a minimal environment, on
+  tempdir   It starts in an empty temporary folder (deleted afterwards) with a minimal environment (PATH,
+            HOME and TMPDIR = the folder, LANG, MALLOC_ARENA_MAX: nothing of the parent's), on
             `python -I -S -B`: no user site, no site-packages, no PYTHON* variables, no .pyc writes; only
             the standard library is importable. Output comes back through pipes the parent drains into
             buffers capped at `max_output_bytes`, so a program printing gigabytes costs no memory.
@@ -22,12 +25,24 @@ child falls back silently to the rest):
             is the parent's job.
   netns     `unshare(CLONE_NEWNET)` (root) or `CLONE_NEWUSER | CLONE_NEWNET` (others): the child sees a
             network namespace whose only interface, `lo`, is down. No packet leaves it, 127.0.0.1
-            included, whatever the audit layer misses.
+            included, whatever the audit layer misses. (In its own user namespace, a non-root child also
+            cannot read the parent's /proc/<pid>/environ or memory.)
   uid       When started as root, the child moves to a fresh random uid (falling back to 65534), so the
             kernel refuses writes to files it does not own, signals to other processes, and privileged
             calls. It keeps one capability, CAP_DAC_READ_SEARCH, only when the interpreter's stdlib is not
             world-readable (a pyenv under a 0700 /root): so it can import the stdlib, at the price that
-            the kernel then lets it read any file; the audit layer narrows reads back down.
+            file permissions then let it read any file; the landlock layer narrows reads back down.
+            Not a required layer: a child of an ordinary user stays that user, and landlock confines it.
+  landlock  A Landlock ruleset (unprivileged; Linux >= 5.13), set after the uid change and before
+            seccomp, for the child and anything it could start. Writes of any kind (create, write,
+            truncate, delete, rename, link, mkdir, mkfifo, mknod, bind a socket file) only inside the
+            folder, and to /dev/null; reads only of the folder, the Python installation, system library
+            trees (/usr, /lib*), /proc, stdin and a few named files (/etc/ld.so.cache, localtime,
+            mime.types, passwd, group, ...); nothing executed. So C code that opens files itself
+            (sqlite3, readline) and a program that fools the audit hook stay in the folder, and the user's
+            home, other users' files and world-readable files elsewhere stay unread, root or not. It also
+            refuses ptrace-mode access (/proc/<pid>/environ, mem) to processes outside the sandbox, and
+            on ABI >= 4 TCP bind/connect, on ABI >= 6 signals and abstract unix sockets out of it.
   seccomp   (x86_64) A kernel filter that fails fork/vfork/clone-without-CLONE_THREAD, execve,
             non-AF_UNIX sockets, signals to other processes, TIOCSTI terminal injection, ptrace,
             namespaces, io_uring, bpf and perf events with EPERM. Threads still work (clone3 answers
@@ -37,20 +52,26 @@ child falls back silently to the rest):
             "lmforge-sandbox: blocked <event>", exit code `BLOCKED_EXIT_CODE`, reason "blocked") on:
             process creation (os.fork/forkpty/system/exec/posix_spawn, subprocess.Popen, pty.spawn),
             network (non-AF_UNIX sockets, connect, bind, sendto, name lookups), ctypes (importing it,
-            dlopen, calling foreign functions), signals to other processes, raising rlimits, ioctl, and
-            writes outside the temporary folder (open for writing, remove, rename, link, mkdir, chmod,
-            ...; symlinks and dir_fd are resolved first). Reads stay allowed, except of devices other
-            than /dev/null, zero, (u)random and std streams; of directories outside the folder (a
-            directory descriptor would let `dir_fd=` calls write outside it); and, where the child kept
-            CAP_DAC_READ_SEARCH, of files and listings outside the Python installation that any user
-            could not read (/etc/shadow, ~/.ssh).
+            dlopen, calling foreign functions), signals to other processes, raising rlimits, ioctl, gc's
+            object walks (get_objects/get_referrers/get_referents: the way to the hook's own tables, which
+            are immutable besides), sqlite extensions, and writes outside the temporary folder (open for
+            writing, remove, rename, link, mkdir, chmod, sqlite3.connect, ...; symlinks and dir_fd are
+            resolved first). Reads stay allowed, except of devices other than /dev/null, zero, (u)random
+            and std streams; of directory descriptors outside the folder (for `dir_fd=` calls); and,
+            where the child kept CAP_DAC_READ_SEARCH, of files and listings outside the Python
+            installation that any user could not read (/etc/shadow, ~/.ssh). It names what a program
+            tried; the kernel layers are what enforce: the hook sees only calls that raise an audit
+            event (not os.mkfifo, sqlite's ATTACH, readline's history file), and a program can fool it
+            from inside (it calls os.path functions the program may replace).
 
-What this is not: a security boundary against a determined attacker, the way a VM or gVisor is. Audit
-hooks are documented as bypassable by in-process tricks (PEP 578), the kernel layers above depend on
-what this machine grants, everything shares one kernel, a symlink swapped between the hook's check and
-the open is a race the hook loses, total disk use is bounded only by time x RLIMIT_FSIZE per file, and
-world-readable files are readable (with CAP_DAC_READ_SEARCH kept, every file, once past the hook). It
-is meant to make the mistakes and reward hacks of a language model harmless, and to report them.
+What this is not: a security boundary against a determined attacker, the way a VM or gVisor is. The
+audit hook is bypassable from inside (PEP 578) and is there to report; everything shares one kernel,
+whose bugs are the way out of every layer here; a symlink swapped between the hook's check and the open
+is a race the hook loses (the landlock layer does not); the child may still connect to unix sockets in
+the filesystem that its uid may open (the audit layer alone refuses connect: Landlock, up to ABI 7,
+has no right for it); total disk use is bounded only by time x RLIMIT_FSIZE per file; and with
+allow_weak, where a kernel layer is missing, the rest is all there is. It is meant to make the mistakes
+and reward hacks of a language model harmless, and to report them.
 """
 
 from __future__ import annotations
@@ -69,13 +90,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.common import LmforgeError
+from lmforge.base import LmforgeError  # not lmforge.common: the sandbox needs no torch
 
 # The child's exit code when the audit hook ends it. A program that calls sys.exit(199) itself reads as
 # blocked too: that can only make its own result worse, so it is not worth a second channel.
 BLOCKED_EXIT_CODE = 199
-# The child's exit code when it cannot set its own limits up (a bug or an unusual kernel, not the code).
+# The child's exit code when it cannot set its own limits up (a bug or an unusual kernel, not the code),
+# or when a required kernel layer did not take in this run.
 SETUP_FAILED_EXIT_CODE = 198
+# The kernel layers without which the sandbox refuses to run, and what each one needs from the machine.
+KERNEL_LAYERS = ("netns", "seccomp", "landlock")
+_LAYER_NEEDS = {
+    "netns": "root or unprivileged user namespaces (sysctl user.max_user_namespaces > 0)",
+    "seccomp": "seccomp filters on x86_64",
+    "landlock": "Landlock: Linux >= 5.13 with landlock in the boot-time LSM list (lsm=)",
+}
+# Set to "1" to run even where a kernel layer is missing, as Limits(allow_weak=True) does.
+ALLOW_WEAK_ENV = "LMFORGE_SANDBOX_ALLOW_WEAK"
 
 
 @dataclass
@@ -99,6 +130,7 @@ class Limits:
     memory_mb: int = 512  # RLIMIT_AS: address space, so a little above what the program may touch
     max_output_bytes: int = 64_000  # per stream; the rest is read and dropped
     file_size_mb: int = 8  # RLIMIT_FSIZE: the largest file the program may write
+    allow_weak: bool = False  # run even where a layer of KERNEL_LAYERS is missing (or set ALLOW_WEAK_ENV=1)
 
     def __post_init__(self):
         if not self.timeout_s > 0:
@@ -116,7 +148,8 @@ class Limits:
 # ----------------------------------------------------------------------------- the child
 # Run as `python -I -S -B -X utf8 -c _BOOTSTRAP <config json>`, in the empty folder. It reads the program,
 # sets the kernel layers up while it is still trusted code (setup order matters: the network namespace
-# needs root, which the uid change gives up; the seccomp filter forbids unshare), forgets ctypes, installs
+# needs root, which the uid change gives up; Landlock needs no_new_privs, or root; the seccomp filter
+# forbids unshare), checks that the required ones took, forgets ctypes, installs
 # the audit hook, then runs the program as `__main__`. A string, not a module of lmforge: under -I -S the
 # package is not importable, and the child should import as little as possible before the hook.
 _BOOTSTRAP = r'''
@@ -144,7 +177,11 @@ def setup(cfg):
     own_uid, read_cap = drop_root(ctypes, libc, zero, cfg["work"]) if as_root else (False, False)
     if own_uid:
         layers.append("uid")
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), zero, zero, zero) == 0 and seccomp(ctypes, libc, zero):
+    no_new_privs = libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), zero, zero, zero) == 0
+    # Landlock after the uid change (it needs no_new_privs, not root) and before seccomp
+    if no_new_privs and landlock(ctypes, libc, cfg["work"]):
+        layers.append("landlock")
+    if no_new_privs and seccomp(ctypes, libc, zero):
         layers.append("seccomp")
 
     def lower(res, soft, hard=None):
@@ -199,6 +236,74 @@ def drop_root(ctypes, libc, zero, work):
     return False, False
 
 
+# Landlock (linux/landlock.h): syscall numbers are the same on every architecture.
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION, LANDLOCK_RULE_PATH_BENEATH = 1, 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_MAKE_CHAR, FS_MAKE_BLOCK, FS_REFER, FS_TRUNCATE = 1 << 6, 1 << 11, 1 << 13, 1 << 14
+FS_ABI1 = (1 << 13) - 1  # EXECUTE ... MAKE_SYM: every right of ABI 1, writes and creations included
+FS_FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE  # the ones a rule on a file may hold
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
+# Read-only outside the folder: the Python installation (added at run time), system libraries (what
+# extension modules link to), /proc (other processes' environ and memory stay out: Landlock refuses
+# ptrace-mode access to processes outside the sandbox), and the few /etc files the stdlib reads.
+READ_TREES = ("/usr", "/lib", "/lib64", "/lib32", "/nix/store", "/gnu/store", "/proc")
+READ_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/mime.types", "/etc/nsswitch.conf", "/etc/passwd",
+              "/etc/group", "/etc/os-release", "/dev/zero", "/dev/random", "/dev/urandom")
+
+
+def landlock(ctypes, libc, work):
+    """Kernel file confinement, for this process and all it starts: create, write, delete, rename only
+    in the folder (and write /dev/null); read only the trees above; execute nothing. On Landlock ABI >= 4
+    also no TCP bind or connect, on >= 6 no signals or abstract unix sockets outside the sandbox.
+    True when the kernel took it; False where the kernel has no Landlock."""
+    import stat, struct
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+                       ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    if abi < 1:  # ENOSYS (not built in) or EOPNOTSUPP (not in the boot-time LSM list)
+        return False
+    fs = FS_ABI1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+    attr = ctypes.create_string_buffer(struct.pack("QQQ", fs, net, scoped), 24)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # struct landlock_ruleset_attr grew with the ABI
+    ruleset = libc.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), attr, ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    read = FS_READ_FILE | FS_READ_DIR
+    rules = [(work, fs & ~(FS_EXECUTE | FS_MAKE_CHAR | FS_MAKE_BLOCK)),
+             ("/dev/null", FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE)]
+    rules += [(p, read) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                                  os.path.dirname(os.__file__)) + READ_TREES + READ_FILES]
+    try:
+        for path, access in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:  # not on this machine
+                continue
+            try:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    access &= FS_FILE_RIGHTS
+                add_rule(ctypes, libc, ruleset, access & fs, fd)
+            finally:
+                os.close(fd)
+        if stat.S_ISREG(os.fstat(0).st_mode):  # stdin: so open("/dev/stdin") works too
+            add_rule(ctypes, libc, ruleset, FS_READ_FILE, 0)
+        return libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_long(ruleset), ctypes.c_uint32(0)) == 0
+    finally:
+        os.close(ruleset)
+
+
+def add_rule(ctypes, libc, ruleset, access, fd):
+    import struct
+    beneath = ctypes.create_string_buffer(struct.pack("=Qi", access, fd), 12)  # packed landlock_path_beneath_attr
+    if libc.syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_long(ruleset),
+                    ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), beneath, ctypes.c_uint32(0)) != 0:
+        raise OSError(ctypes.get_errno(), f"landlock_add_rule on fd {fd}")
+
+
 def seccomp(ctypes, libc, zero):
     """Install the syscall filter (x86_64 numbers). True when the kernel took it."""
     if os.uname().machine != "x86_64":
@@ -247,13 +352,14 @@ def seccomp(ctypes, libc, zero):
 
 def install_guard(cfg, kernel_stops_processes, read_cap):
     """The audit hook. Any exception in a check counts as a refusal (fail closed)."""
+    import types
     work, me, blocked_exit = os.path.realpath(cfg["work"]), os.getpid(), cfg["blocked_exit"]
     python_roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
     devices = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/stdin", "/dev/stdout", "/dev/stderr"}
     # Without the seccomp layer, _posixsubprocess.fork_exec (what subprocess and multiprocessing call)
     # starts processes with no audit event of its own; then `import subprocess` has to go too.
-    forbidden_modules = {"ctypes", "_ctypes"} | (set() if kernel_stops_processes else {"_posixsubprocess"})
+    forbidden_modules = frozenset({"ctypes", "_ctypes"} | (set() if kernel_stops_processes else {"_posixsubprocess"}))
 
     def resolve(path, dir_fd=None, follow=True):
         if isinstance(path, int):
@@ -303,7 +409,10 @@ def install_guard(cfg, kernel_stops_processes, read_cap):
         return path is None or isinstance(path, int) or inside(path) or may_read(resolve(path))
 
     at = lambda a, i: a[i] if len(a) > i else None  # dir_fd arguments came in over Python versions
-    checks = {
+    # The tables are immutable and gc's object walks are blocked below, so a program cannot empty them;
+    # the hook can still be fooled (it calls os.path functions a program may replace): the kernel
+    # layers are what hold.
+    checks = types.MappingProxyType({
         "open": lambda a: may_open(*a),
         "os.listdir": lambda a: may_list(a[0]),
         "os.scandir": lambda a: may_list(a[0]),
@@ -324,8 +433,9 @@ def install_guard(cfg, kernel_stops_processes, read_cap):
         "os.killpg": lambda a: a[0] == me,
         "socket.__new__": lambda a: a[1] == AF_UNIX,  # asyncio's self-pipe is an AF_UNIX socketpair
         "import": lambda a: a[0] not in forbidden_modules and not a[0].startswith("ctypes."),
-    }
-    always_blocked = {
+        "sqlite3.connect": lambda a: inside(a[0]),  # ":memory:" and "" resolve inside too; URIs and ATTACH: kernel
+    })
+    always_blocked = frozenset({
         "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.startfile",
         "subprocess.Popen", "pty.spawn",
         # connect/bind are refused for AF_UNIX too: a filesystem socket (docker, dbus) is a way out
@@ -334,7 +444,9 @@ def install_guard(cfg, kernel_stops_processes, read_cap):
         "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function", "ctypes.cdata",
         "ctypes.cdata/buffer", "ctypes.addressof", "ctypes.string_at", "ctypes.wstring_at",
         "ctypes.PyObj_FromPtr", "fcntl.ioctl", "resource.setrlimit", "resource.prlimit", "webbrowser.open",
-    }
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents",  # ways to reach the hook's own objects
+        "sqlite3.enable_load_extension", "sqlite3.load_extension",  # native code from a file
+    })
 
     def block(event):
         for stream in (sys.stdout, sys.stderr):  # keep what the program printed before this
@@ -393,6 +505,10 @@ def main():
         os._exit(cfg["setup_failed_exit"])
     for name in [m for m in sys.modules if m in ("ctypes", "_ctypes") or m.startswith("ctypes.")]:
         del sys.modules[name]  # so that `import ctypes` is a fresh import, which the hook sees
+    missing = [layer for layer in cfg["required"] if layer not in layers]
+    if missing:  # the probe had them: a kernel limit hit in this run (user namespaces used up, say)
+        os.write(2, f"lmforge-sandbox: setup failed: the {', '.join(missing)} layer did not take\n".encode())
+        os._exit(cfg["setup_failed_exit"])
     install_guard(cfg, "seccomp" in layers, read_cap)
     layers.append("audit")
     if cfg["probe"]:
@@ -424,7 +540,7 @@ def run_python(code: str, *, stdin: str = "", limits: Limits = Limits()) -> Sand
     if not isinstance(code, str) or not isinstance(stdin, str):
         raise LmforgeError(f"run_python takes the program and its stdin as str, got {type(code).__name__} "
                            f"and {type(stdin).__name__}")
-    return _run(code, stdin, limits, probe=False)
+    return _run(code, stdin, limits, probe=False, required=_required_layers(limits))
 
 
 def run_many(codes: list[str], *, limits: Limits = Limits(), workers: int | None = None) -> list[SandboxResult]:
@@ -437,6 +553,7 @@ def run_many(codes: list[str], *, limits: Limits = Limits(), workers: int | None
     codes = list(codes)
     if not codes:
         return []
+    _required_layers(limits)  # refuse before any thread starts
     workers = min(workers or os.cpu_count() or 1, len(codes))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
         return list(pool.map(lambda code: run_python(code, limits=limits), codes))
@@ -452,7 +569,22 @@ def active_layers() -> tuple[str, ...]:
     return tuple(json.loads(result.stdout))
 
 
-def _run(code: str, stdin: str, limits: Limits, probe: bool) -> SandboxResult:
+def _required_layers(limits: Limits) -> tuple[str, ...]:
+    """The kernel layers each child must get, which it checks for itself before it runs anything: all of
+    KERNEL_LAYERS, or none when the user opted in to a weaker sandbox. Refuses when this machine lacks one."""
+    if limits.allow_weak or os.environ.get(ALLOW_WEAK_ENV) == "1":
+        return ()
+    missing = [layer for layer in KERNEL_LAYERS if layer not in active_layers()]
+    if missing:
+        needs = "; ".join(f"{layer} needs {_LAYER_NEEDS.get(layer, 'a kernel feature')}" for layer in missing)
+        what = f"{', '.join(missing)} layer{'s are' if len(missing) > 1 else ' is'}"
+        raise LmforgeError(f"the sandbox's {what} missing on this machine ({needs}), so "
+                           "generated code would run less confined; run where it is available, or accept the "
+                           f"weaker sandbox with Limits(allow_weak=True) or {ALLOW_WEAK_ENV}=1")
+    return KERNEL_LAYERS
+
+
+def _run(code: str, stdin: str, limits: Limits, probe: bool, required: tuple[str, ...] = ()) -> SandboxResult:
     if not sys.platform.startswith("linux"):
         raise LmforgeError(f"the sandbox needs Linux (rlimits, namespaces, /proc); this is {sys.platform}")
     root = Path(tempfile.mkdtemp(prefix="lmforge-sandbox-"))
@@ -465,8 +597,8 @@ def _run(code: str, stdin: str, limits: Limits, probe: bool) -> SandboxResult:
         # other sandboxes (which may list /tmp) cannot read either
         _write_private(program, code.encode("utf-8", "surrogatepass"))
         _write_private(root / "stdin", stdin.encode("utf-8", "surrogatepass"))
-        config = {"work": str(work), "program": str(program), "probe": probe, "cpu_s": limits.cpu_s,
-                  "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb,
+        config = {"work": str(work), "program": str(program), "probe": probe, "required": list(required),
+                  "cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb,
                   "blocked_exit": BLOCKED_EXIT_CODE, "setup_failed_exit": SETUP_FAILED_EXIT_CODE}
         argv = [sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", _BOOTSTRAP, json.dumps(config)]
         start = time.monotonic()
