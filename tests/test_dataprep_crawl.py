@@ -9,6 +9,8 @@ import random
 import socket
 import threading
 import time
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -325,3 +327,36 @@ def test_behind_a_proxy_the_target_is_checked_before_the_proxy_is_asked(serve, t
     assert counts == {"skipped_private_address": 1} and proxy_log == []
     opted_in = crawl([target], tmp_path / "d.warc.gz", user_agent=UA, delay_s=0, progress=False, allow_private=True)
     assert opted_in["fetched"] == 1 and [p for p, _, _ in proxy_log][0] == "http://127.0.0.1:9/robots.txt"
+
+
+# ----------------------------------------------------------------------------- compression bombs
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    """200 MB of zeros as gzip and as deflate (zlib), ~200 KB each, compressed a MiB at a time."""
+    zeros, out = bytes(1 << 20), {}
+    for encoding, wbits in (("gzip", 31), ("deflate", 15)):
+        packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+        out[encoding] = b"".join(packer.compress(zeros) for _ in range(200)) + packer.flush()
+    return out
+
+
+def test_a_compression_bomb_stops_at_the_cap_in_a_page_and_a_robots_txt_redirect(serve, tmp_path, bombs):
+    def bomb(status: int, encoding: str, **headers) -> tuple[int, dict, bytes]:
+        return status, {"Content-Type": "text/html", "Content-Encoding": encoding, **headers}, bombs[encoding]
+    base, log = serve({"/robots.txt": bomb(302, "gzip", Location="/robots-2.txt"),  # a hop's body is not read
+                       "/robots-2.txt": bomb(200, "deflate"), "/hop": bomb(301, "deflate", Location="/gzip"),
+                       "/gzip": bomb(200, "gzip"), "/deflate": bomb(200, "deflate")})
+    out, cap = tmp_path / "c.warc.gz", 1 << 20
+    tracemalloc.start()
+    try:
+        counts = crawl([f"{base}/hop", f"{base}/deflate"], out, user_agent=UA, delay_s=0, max_bytes=cap,
+                       progress=False, allow_private=True)
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert counts == {"fetched": 2, "status_2xx": 2, "truncated": 2, "redirected": 1}
+    assert [p for p, _, _ in log] == ["/robots.txt", "/robots-2.txt", "/hop", "/gzip", "/deflate"]
+    bodies = [block.partition(b"\r\n\r\n")[2] for h, block in records(out) if h["warc-type"] == "response"]
+    assert bodies == [bytes(cap)] * 2  # stored decoded, cut at the cap of decoded bytes
+    assert peak_bytes < 32 << 20, f"{peak_bytes:,} bytes at the peak for a {cap:,}-byte cap"

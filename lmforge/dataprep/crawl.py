@@ -53,9 +53,11 @@ len(urls):
 and, describing the fetched ones: status_2xx ... status_5xx, redirected, truncated.
 
 Why requests and not the stdlib: it streams a body with gzip/deflate (and brotli when installed)
-decoded chunk by chunk, so the size cap applies to what is stored and a compression bomb stops at
-it; it verifies TLS against certifi, honours proxy settings, keeps connections alive per session,
-and times out connect and read separately. urllib.request does neither the decoding nor the pool,
+decoded chunk by chunk, so the size cap applies to decoded bytes, what is stored, and a compression
+bomb stops at it (urllib3 >= 2.6 inflates no more than a read asks for; a redirect's body, which
+requests reads whole, is never read: redirects, robots.txt's too, are followed here, see _Session);
+it verifies TLS against certifi, honours proxy settings, keeps connections alive per session, and
+times out connect and read separately. urllib.request does neither the decoding nor the pool,
 and its robotparser.read() fetches with urllib's own user agent, so robots.txt is fetched here and
 handed to RobotFileParser.parse. What requests does not give is the bytes on the wire: the request
 and response headers in the WARC are rebuilt from what it sent and received (in order, repeated
@@ -351,6 +353,16 @@ def _error_kind(exc: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- the crawler
 
+class _Session(requests.Session):
+    """A session that never follows a redirect itself: the crawler follows them hop by hop (robots.txt and
+    pacing per hop, and a hop's body unread). requests' resolve_redirects reads a hop's whole body into memory
+    (Response.content) before anything else, even with allow_redirects=False, where Session.send runs it to
+    fill Response.next: a redirect with a 10 GB body, or a compression bomb, would be read whole."""
+
+    def resolve_redirects(self, *args, **kwargs):
+        return iter(())
+
+
 class _Crawler:
     def __init__(self, writer: _WarcWriter, user_agent: str, delay_s: float, max_bytes: int, timeout_s: float,
                  allow_private: bool):
@@ -361,9 +373,8 @@ class _Crawler:
         self.hosts_lock = threading.Lock()
 
     def session(self) -> requests.Session:
-        session = requests.Session()
+        session = _Session()
         session.headers["User-Agent"] = self.user_agent
-        session.max_redirects = MAX_REDIRECTS  # used only by the robots.txt fetch; pages redirect by hand
         if not self.allow_private:
             adapter = _PublicOnlyAdapter()
             session.mount("http://", adapter)
@@ -375,19 +386,18 @@ class _Crawler:
         with self.hosts_lock:
             return self.hosts.setdefault(origin, _Host(origin, self.delay_s))
 
-    def _get(self, session: requests.Session, url: str, *, max_bytes: int, redirects: bool = False):
-        """(response, body, truncated): the body streamed and cut at max_bytes, within timeout_s overall."""
+    def _get(self, session: requests.Session, url: str, *, max_bytes: int):
+        """(response, body, truncated): the body streamed and cut at max_bytes of decoded bytes, within timeout_s
+        overall. A redirect is returned, not followed, its body unread (a hop's body may be a bomb too)."""
         deadline = time.monotonic() + self.timeout_s
-        response = session.get(url, stream=True, allow_redirects=redirects, timeout=self.timeout_s)
+        response = session.get(url, stream=True, allow_redirects=False, timeout=self.timeout_s)
         with response:
             if response.is_redirect:
-                return response, b"", False  # a hop: its body is not kept
+                return response, b"", False  # closing it unread drops the connection
             body, truncated = bytearray(), False
             # read1 returns what has arrived, so a server trickling bytes meets the deadline too (iter_content
-            # blocks until a whole chunk is in); it is urllib3 >= 2.2's, and iter_content serves older ones
-            read1 = getattr(response.raw, "read1", None)
-            chunks = iter(lambda: read1(_CHUNK_BYTES, decode_content=True), b"") if read1 else \
-                response.iter_content(_CHUNK_BYTES)
+            # blocks until a whole chunk is in), and since urllib3 2.6 it inflates no more than it returns
+            chunks = iter(lambda: response.raw.read1(_CHUNK_BYTES, decode_content=True), b"")
             for chunk in chunks:
                 body += chunk
                 if len(body) > max_bytes:
@@ -414,11 +424,16 @@ class _Crawler:
     def _read_robots(self, host: _Host, session: requests.Session) -> None:
         """Set host.robots, or host.robots_verdict where robots.txt cannot be read."""
         robots = RobotFileParser(host.origin + "/robots.txt")
+        url = robots.url
         try:  # robots.txt redirects are followed (5 hops) as Google does; more count as a 404
-            response, body, _ = self._get(session, robots.url, max_bytes=MAX_ROBOTS_BYTES, redirects=True)
-            status = response.status_code
-        except requests.TooManyRedirects:
-            status, body = 404, b""
+            for _ in range(MAX_REDIRECTS + 1):
+                response, body, _ = self._get(session, url, max_bytes=MAX_ROBOTS_BYTES)
+                if not response.is_redirect:
+                    status = response.status_code
+                    break
+                url = urljoin(response.url, response.headers["location"])
+            else:
+                status, body = 404, b""
         except _FAILURES as exc:
             host.robots_verdict = _error_kind(exc)  # the host is unreachable: its pages would be too
             return
