@@ -404,6 +404,9 @@ def _add_data_args(sub) -> None:
                    help="least seconds between two requests to one host (default 1)")
     c.add_argument("--max-bytes", type=int, default=5 << 20, help="most body bytes kept per response (default 5 MiB)")
     c.add_argument("--workers", type=int, default=4, help="hosts crawled at once (default 4)")
+    c.add_argument("--allow-private", action="store_true",
+                   help="also fetch loopback, private and link-local addresses (a local test server, an intranet); "
+                        "off, a URL list cannot reach this machine or its network")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -451,7 +454,8 @@ def cmd_data(args) -> None:
         from lmforge.dataprep.crawl import DEFAULT_USER_AGENT, crawl, read_url_list
 
         counts = crawl(read_url_list(args.urls_file), args.out, user_agent=args.user_agent or DEFAULT_USER_AGENT,
-                       delay_s=args.delay, max_bytes=args.max_bytes, workers=args.workers, progress=not args.quiet)
+                       delay_s=args.delay, max_bytes=args.max_bytes, workers=args.workers, progress=not args.quiet,
+                       allow_private=args.allow_private)
         print(", ".join(f"{n:,} {k}" for k, n in sorted(counts.items())) + f"; wrote {args.out}")
         return
     from lmforge.dataprep.pipeline import PrepareConfig, prepare

@@ -3,8 +3,10 @@
 The default corpus is already on every machine: the running interpreter's standard-library
 `.py` sources (tests included, ~30 MB of real Python) plus the `pydoc_data` topics (English
 reference text). A user corpus is a folder of text files, a single text file, or JSONL with a
-"text" field. Every document gets a stable id; the held-out split is a hash of that id, so it
-never changes between runs or machines and never depends on reading order.
+"text" field. A file or JSONL line over `max_document_bytes` (16 MiB) is skipped as "too large"
+without being read into memory, so a .jsonl.gz bomb stays bounded too. Every document gets a
+stable id; the held-out split is a hash of that id, so it never changes between runs or machines
+and never depends on reading order.
 
 This is the simple reader the foundation needs. The data-preparation pipeline (cleaning,
 deduplication, redaction) replaces it by producing the same thing: an iterator of `Document`s
@@ -21,13 +23,32 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from lmforge.base import LmforgeError
 
 DEFAULT_CORPUS = "stdlib"
 HELDOUT_FRACTION = 0.02
+MAX_DOCUMENT_BYTES = 16 << 20  # a larger file or JSONL line is skipped ("too large") without being read
+SKIP_CHUNK_BYTES = 1 << 20  # what is held at once while reading past something over a cap
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".html", ".htm", ".csv", ".tex", ".c", ".h", ".cpp",
                  ".js", ".ts", ".rs", ".go", ".java", ".sh", ".toml", ".yaml", ".yml", ".ini", ".cfg", ""}
+
+
+def read_line(f: BinaryIO, max_bytes: int) -> tuple[bytes | None, int]:
+    """The next line of binary file f and its length in bytes, newline included; (b"", 0) at the end. A line
+    over max_bytes is read past a MiB at a time and never held whole: (None, its length). `for line in f`
+    would hold a 10 GB line, or a gzip bomb with no newline in it, whole."""
+    line = f.readline(max_bytes + 1)
+    if len(line) <= max_bytes:
+        return line, len(line)
+    length = len(line)
+    while not line.endswith(b"\n"):
+        line = f.readline(SKIP_CHUNK_BYTES)
+        if not line:
+            break
+        length += len(line)
+    return None, length
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,7 @@ class Corpus:
 
     source: str = DEFAULT_CORPUS
     max_bytes: int | None = None  # stop after this many bytes of text (the --tiny preset uses it)
+    max_document_bytes: int = MAX_DOCUMENT_BYTES  # a larger file or JSONL line is skipped unread ("too large")
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
@@ -100,9 +122,13 @@ class Corpus:
             self.skipped["not a text file type"] += 1
             return
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:  # no further than the cap, whatever size the file claimed or grew to
+                raw = f.read(self.max_document_bytes + 1) if path.stat().st_size <= self.max_document_bytes else None
         except OSError:
             self.skipped["unreadable"] += 1
+            return
+        if raw is None or len(raw) > self.max_document_bytes:
+            self.skipped["too large"] += 1
             return
         text = self._decode(raw)
         if text is not None:
@@ -126,7 +152,15 @@ class Corpus:
         opener = gzip.open if path.name.lower().endswith(".gz") else open
         try:
             with opener(path, "rb") as f:
-                for line_no, line in enumerate(f, start=1):
+                line_no = 0
+                while True:
+                    line, length = read_line(f, self.max_document_bytes)
+                    if not length:
+                        break
+                    line_no += 1
+                    if line is None:
+                        self.skipped["too large"] += 1
+                        continue
                     if not line.strip():
                         continue
                     try:

@@ -2,6 +2,8 @@
 
 import gzip
 import json
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -49,6 +51,29 @@ def test_user_corpus_counts_every_skipped_input(tmp_path):
     assert docs[[d.text for d in docs].index("second doc")].id == "docs.jsonl:5"
     assert corpus.skipped == {"binary": 1, "invalid utf-8": 1, "empty": 2, "not a text file type": 1,
                               "malformed jsonl line": 2, "unreadable": 1}
+
+
+def test_a_file_or_jsonl_line_over_the_cap_is_skipped_unread_gzip_bomb_included(tmp_path):
+    cap, mib = 1 << 20, bytes(1 << 20)
+    (tmp_path / "big.txt").write_bytes(b"a" * (cap + 1))
+    (tmp_path / "small.txt").write_text("small file")
+    with open(tmp_path / "long.jsonl", "wb") as f:  # a 50 MB line of one string between two good lines
+        f.write(b'{"text": "before"}\n{"text": "' + b"a" * (50 << 20) + b'"}\n{"text": "after"}\n')
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 200 MB of zeros in one line, ~200 KB compressed
+    bomb = [packer.compress(b'{"text": "')] + [packer.compress(mib) for _ in range(200)]
+    (tmp_path / "bomb.jsonl.gz").write_bytes(b"".join(bomb) + packer.compress(b'"}\n{"text": "past the bomb"}\n')
+                                             + packer.flush())
+    corpus = Corpus(str(tmp_path), max_document_bytes=cap)
+    tracemalloc.start()
+    try:
+        docs = {d.id: d.text for d in corpus.documents()}
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert docs == {"bomb.jsonl.gz:2": "past the bomb", "long.jsonl:1": "before", "long.jsonl:3": "after",
+                    "small.txt": "small file"}
+    assert corpus.skipped == {"too large": 3}
+    assert peak_bytes < cap + (16 << 20), f"{peak_bytes:,} bytes at the peak"
 
 
 def test_missing_corpus_is_a_clear_error(tmp_path):

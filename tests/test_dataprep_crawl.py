@@ -9,6 +9,8 @@ import random
 import socket
 import threading
 import time
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -23,12 +25,13 @@ UA = "test-bot/1.0 (+mailto:crawl@example.com)"
 
 @pytest.fixture
 def serve():
-    """start(routes) -> (base URL, request log) for a fresh server on 127.0.0.1:<free port>. A route is
+    """start(routes, host, port) -> (base URL, request log) for a fresh server on host:port (127.0.0.1 and a free
+    port unless given; crawls reach it only with allow_private, or as a patched "public" address). A route is
     path (query ignored) -> (status, headers, body), or a callable taking the handler and writing the reply itself;
     every other path is a 404. The log holds (path, user agent, time.monotonic()) of each request."""
     servers = []
 
-    def start(routes: dict):
+    def start(routes: dict, host: str = "127.0.0.1", port: int = 0):
         log = []
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,10 +56,10 @@ def serve():
             def log_message(self, *args):
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = ThreadingHTTPServer((host, port), Handler)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}", log
+        return f"http://{host}:{server.server_port}", log
 
     yield start
     for server in servers:
@@ -140,7 +143,7 @@ def test_robots_user_agent_redirects_and_errors_each_counted(serve, tmp_path):
             f"{base}/old", f"{base}/away", f"{base}/missing", f"{base}/loop", f"{base}/slow", "ftp://x.example/f",
             f"{down}/page", f"http://127.0.0.1:{closed_port()}/page"]
     counts = crawl(urls, tmp_path / "out" / "crawl.warc.gz", user_agent=UA, delay_s=0, timeout_s=1, workers=3,
-                   progress=False)
+                   progress=False, allow_private=True)
 
     assert counts == {"fetched": 4, "status_2xx": 3, "status_4xx": 1, "redirected": 2, "skipped_duplicate": 2,
                       "skipped_robots": 2, "error_too_many_redirects": 1, "error_timeout": 1,
@@ -172,7 +175,8 @@ def test_requests_to_a_host_are_spaced_by_the_delay_or_crawl_delay(serve, tmp_pa
     fast, fast_log = serve({f"/{i}": html(f"Page {i}.") for i in range(4)})  # no robots.txt: a 404, all allowed
     slow, slow_log = serve({"/robots.txt": (200, {}, b"User-agent: *\nCrawl-delay: 1\n"), "/0": html("Page.")})
     urls = [f"{fast}/{i}" for i in range(4)] + [f"{slow}/0"]
-    counts = crawl(urls, tmp_path / "c.warc.gz", user_agent=UA, delay_s=0.2, workers=2, progress=False)
+    counts = crawl(urls, tmp_path / "c.warc.gz", user_agent=UA, delay_s=0.2, workers=2, progress=False,
+                   allow_private=True)
     assert counts["fetched"] == 5 and counts["status_2xx"] == 5
     for log, least_s in ((fast_log, 0.2), (slow_log, 1.0)):
         times = [t for _, _, t in log]
@@ -186,7 +190,7 @@ def test_a_body_over_the_cap_is_cut_and_marked_truncated(serve, tmp_path):
     base, _ = serve({"/big": (200, {"Content-Type": "application/octet-stream"}, big), "/small": html("Small.")})
     out = tmp_path / "c.warc.gz"
     counts = crawl([f"{base}/big", f"{base}/small"], out, user_agent=UA, delay_s=0, max_bytes=10_000,
-                   progress=False)
+                   progress=False, allow_private=True)
     assert counts["fetched"] == 2 and counts["truncated"] == 1
     responses = {h["warc-target-uri"]: (h, block) for h, block in records(out) if h["warc-type"] == "response"}
     headers, block = responses[f"{base}/big"]
@@ -204,7 +208,8 @@ def test_crawled_pages_read_back_to_their_text_through_a_well_formed_warc(serve,
     base, _ = serve({"/a": html(texts[0]), "/b": html(texts[1]),
                      "/c": (200, {"Content-Type": "text/html; charset=utf-8", "Content-Encoding": "gzip"}, zipped)})
     out = tmp_path / "warc" / "crawl.warc.gz"
-    counts = crawl([f"{base}/a", f"{base}/b", f"{base}/c"], out, user_agent=UA, delay_s=0, progress=False)
+    counts = crawl([f"{base}/a", f"{base}/b", f"{base}/c"], out, user_agent=UA, delay_s=0, progress=False,
+                   allow_private=True)
     assert counts == {"fetched": 3, "status_2xx": 3}
 
     raw = out.read_bytes()
@@ -233,3 +238,125 @@ def test_crawled_pages_read_back_to_their_text_through_a_well_formed_warc(serve,
     for url, text in zip(sorted(got), texts):
         assert " ".join(text.split()) in got[url]  # the article, whole
         assert "Copyright 2026" not in got[url]  # the boilerplate, gone
+
+
+# ----------------------------------------------------------------------------- private addresses (SSRF)
+
+def test_only_public_addresses_pass_the_address_check():
+    from lmforge.dataprep.crawl import _is_public_address
+
+    refused = ["127.0.0.1", "127.255.0.9", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+               "0.0.0.0", "224.0.0.1", "239.255.255.250", "240.0.0.1", "255.255.255.255", "::1", "::", "fe80::1",
+               "fe80::1%1", "fc00::1", "fd12:3456::1", "ff02::1", "ff0e::1", "::ffff:127.0.0.1",
+               "::ffff:169.254.169.254", "::ffff:10.0.0.1", "::7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1",
+               "2001:db8::1"]
+    public = ["8.8.8.8", "93.184.215.14", "1.1.1.1", "2606:4700:4700::1111", "2a00:1450:4001:80b::200e",
+              "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"]
+    assert [a for a in refused if _is_public_address(a)] == []
+    assert [a for a in public if not _is_public_address(a)] == []
+
+
+def test_private_addresses_are_refused_without_the_opt_in_robots_txt_included(serve, tmp_path):
+    base, log = serve({"/page": html("A page.")})
+    port = base.rpartition(":")[2]
+    # the same server under other spellings of loopback, then link-local and private addresses (port 9, discard:
+    # nothing to reach should the check fail; the metadata address is in the address check's test)
+    urls = [f"{base}/page", f"http://localhost:{port}/page", f"http://0x7f000001:{port}/page",
+            f"http://[::ffff:127.0.0.1]:{port}/page", "http://169.254.0.1:9/", "http://10.255.255.1:9/",
+            "http://[::1]:9/"]
+    counts = crawl(urls, tmp_path / "c.warc.gz", user_agent=UA, delay_s=0, timeout_s=2, progress=False)
+    assert counts == {"skipped_private_address": len(urls)}
+    assert log == []  # not even robots.txt was asked for
+    assert [h["warc-type"] for h, _ in records(tmp_path / "c.warc.gz")] == ["warcinfo"]
+    opted_in = crawl(urls[:1], tmp_path / "d.warc.gz", user_agent=UA, delay_s=0, progress=False, allow_private=True)
+    assert opted_in == {"fetched": 1, "status_2xx": 1} and [p for p, _, _ in log] == ["/robots.txt", "/page"]
+
+
+@pytest.fixture
+def public_loopback_2(monkeypatch):
+    """127.0.0.2 counts as a public address (the stand-in for a host on the internet); the rest of loopback,
+    127.0.0.1 included, stays private."""
+    from lmforge.dataprep import crawl as crawl_module
+
+    check = crawl_module._is_public_address
+    monkeypatch.setattr(crawl_module, "_is_public_address", lambda address: address == "127.0.0.2" or check(address))
+
+
+def test_a_redirect_or_a_robots_txt_redirect_to_a_private_address_is_refused(serve, tmp_path, public_loopback_2):
+    inside, inside_log = serve({"/robots.txt": (404, {}, b""), "/secret": html("Internal.")})
+    public, public_log = serve({"/robots.txt": (404, {}, b""), "/page": html("Public."),
+                                "/away": (302, {"Location": f"{inside}/secret"}, b"")}, host="127.0.0.2")
+    robots_away, robots_log = serve({"/robots.txt": (301, {"Location": f"{inside}/robots.txt"}, b""),
+                                     "/page": html("Public.")}, host="127.0.0.2")
+    urls = [f"{public}/page", f"{public}/away", f"{robots_away}/page"]
+    counts = crawl(urls, tmp_path / "c.warc.gz", user_agent=UA, delay_s=0, timeout_s=2, progress=False)
+    assert counts == {"fetched": 1, "status_2xx": 1, "skipped_private_address": 2}
+    assert inside_log == []
+    assert [p for p, _, _ in public_log] == ["/robots.txt", "/page", "/away"]
+    assert [p for p, _, _ in robots_log] == ["/robots.txt"]  # its robots.txt could not be read: none of its pages
+
+
+def test_the_address_checked_is_the_address_connected_to(serve, tmp_path, monkeypatch, public_loopback_2):
+    """DNS rebinding: a name answering a public address when it is checked and a private one a moment later
+    must not reach the private one (the check and the connection use one lookup)."""
+    outside, outside_log = serve({"/robots.txt": (404, {}, b""), "/page": html("Public.")}, host="127.0.0.2")
+    port = int(outside.rpartition(":")[2])
+    inside, inside_log = serve({"/robots.txt": (404, {}, b""), "/page": html("Internal.")}, port=port)
+    real, lookups = socket.getaddrinfo, []
+
+    def rebinding(host, *args, **kwargs):
+        if host != "rebind.test":
+            return real(host, *args, **kwargs)
+        lookups.append("127.0.0.2" if not lookups else "127.0.0.1")  # public once, then the internal address
+        return real(lookups[-1], *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    counts = crawl([f"http://rebind.test:{port}/page", f"http://rebind.test:{port}/page?2"], tmp_path / "c.warc.gz",
+                   user_agent=UA, delay_s=0, timeout_s=2, progress=False)
+    assert inside_log == []  # never connected to the address a later lookup gave
+    assert [p for p, _, _ in outside_log][0] == "/robots.txt" and lookups[0] == "127.0.0.2"
+    assert buckets(counts) == 2 and set(counts) <= {"fetched", "status_2xx", "skipped_private_address"}
+
+
+def test_behind_a_proxy_the_target_is_checked_before_the_proxy_is_asked(serve, tmp_path, monkeypatch):
+    proxy, proxy_log = serve({})  # logs any request that reaches it
+    target = "http://127.0.0.1:9/page"
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", proxy)
+    counts = crawl([target], tmp_path / "c.warc.gz", user_agent=UA, delay_s=0, timeout_s=2, progress=False)
+    assert counts == {"skipped_private_address": 1} and proxy_log == []
+    opted_in = crawl([target], tmp_path / "d.warc.gz", user_agent=UA, delay_s=0, progress=False, allow_private=True)
+    assert opted_in["fetched"] == 1 and [p for p, _, _ in proxy_log][0] == "http://127.0.0.1:9/robots.txt"
+
+
+# ----------------------------------------------------------------------------- compression bombs
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    """200 MB of zeros as gzip and as deflate (zlib), ~200 KB each, compressed a MiB at a time."""
+    zeros, out = bytes(1 << 20), {}
+    for encoding, wbits in (("gzip", 31), ("deflate", 15)):
+        packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+        out[encoding] = b"".join(packer.compress(zeros) for _ in range(200)) + packer.flush()
+    return out
+
+
+def test_a_compression_bomb_stops_at_the_cap_in_a_page_and_a_robots_txt_redirect(serve, tmp_path, bombs):
+    def bomb(status: int, encoding: str, **headers) -> tuple[int, dict, bytes]:
+        return status, {"Content-Type": "text/html", "Content-Encoding": encoding, **headers}, bombs[encoding]
+    base, log = serve({"/robots.txt": bomb(302, "gzip", Location="/robots-2.txt"),  # a hop's body is not read
+                       "/robots-2.txt": bomb(200, "deflate"), "/hop": bomb(301, "deflate", Location="/gzip"),
+                       "/gzip": bomb(200, "gzip"), "/deflate": bomb(200, "deflate")})
+    out, cap = tmp_path / "c.warc.gz", 1 << 20
+    tracemalloc.start()
+    try:
+        counts = crawl([f"{base}/hop", f"{base}/deflate"], out, user_agent=UA, delay_s=0, max_bytes=cap,
+                       progress=False, allow_private=True)
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert counts == {"fetched": 2, "status_2xx": 2, "truncated": 2, "redirected": 1}
+    assert [p for p, _, _ in log] == ["/robots.txt", "/robots-2.txt", "/hop", "/gzip", "/deflate"]
+    bodies = [block.partition(b"\r\n\r\n")[2] for h, block in records(out) if h["warc-type"] == "response"]
+    assert bodies == [bytes(cap)] * 2  # stored decoded, cut at the cap of decoded bytes
+    assert peak_bytes < 32 << 20, f"{peak_bytes:,} bytes at the peak for a {cap:,}-byte cap"

@@ -14,6 +14,19 @@ are crawled at once. Every request carries the User-Agent. A redirect is followe
 each hop checked against its own host's robots.txt and rate limit. A body is streamed and cut at
 `max_bytes`, and a whole request (body included) is given up after `timeout_s`.
 
+Only public addresses are fetched. A URL list is input from anyone, and a crawler that fetches whatever
+it names is a proxy into the machine it runs on and that machine's network (a request forgery: an admin
+page on localhost, a database on 10.x, the cloud metadata service at 169.254.169.254 that hands out
+credentials). So every connection, the first request to a host (its robots.txt), each page and each
+redirect hop alike, resolves the host and dials only an address that is globally routable unicast:
+loopback, private (RFC 1918, fc00::/7), shared (100.64/10), link-local (169.254/16, fe80::/10), multicast,
+unspecified, reserved and documentation ranges are refused, and so are IPv6 forms carrying such an IPv4
+address (::ffff:a.b.c.d, 6to4, NAT64). The address checked is the address dialled (one lookup per
+connection; the Host header, TLS SNI and certificate check keep the name), so a name that answers a
+public address to the check and a private one a moment later (DNS rebinding) gets nowhere. A host with
+only refused addresses counts its URLs `skipped_private_address`. allow_private=True (--allow-private)
+lifts this, for a crawl of a local test server or an intranet on purpose.
+
 Output, as Common Crawl writes it: each record its own gzip member (so a reader can seek to one),
 a `warcinfo` record first, then for each fetched URL a `request` record and a `response` record,
 linked both ways by WARC-Concurrent-To. The response block is the status line, the headers and the
@@ -32,15 +45,19 @@ len(urls):
     skipped_not_allowed_scheme      not http(s)
     skipped_robots                  robots.txt disallows it (or a redirect hop of it)
     skipped_robots_unavailable      its host's robots.txt answered 5xx or 429
+    skipped_private_address         its host (or a redirect hop's, or its robots.txt's redirect) resolves only to
+                                    addresses that are not public, and allow_private is off
     error_<kind>                    nothing written: timeout, connection, dns, tls, body, invalid_url,
                                     too_many_redirects, redirect_not_http, other; a network error on a
                                     host's robots.txt counts that host's URLs here, under the same kind
 and, describing the fetched ones: status_2xx ... status_5xx, redirected, truncated.
 
 Why requests and not the stdlib: it streams a body with gzip/deflate (and brotli when installed)
-decoded chunk by chunk, so the size cap applies to what is stored and a compression bomb stops at
-it; it verifies TLS against certifi, honours proxy settings, keeps connections alive per session,
-and times out connect and read separately. urllib.request does neither the decoding nor the pool,
+decoded chunk by chunk, so the size cap applies to decoded bytes, what is stored, and a compression
+bomb stops at it (urllib3 >= 2.6 inflates no more than a read asks for; a redirect's body, which
+requests reads whole, is never read: redirects, robots.txt's too, are followed here, see _Session);
+it verifies TLS against certifi, honours proxy settings, keeps connections alive per session, and
+times out connect and read separately. urllib.request does neither the decoding nor the pool,
 and its robotparser.read() fetches with urllib's own user agent, so robots.txt is fetched here and
 handed to RobotFileParser.parse. What requests does not give is the bytes on the wire: the request
 and response headers in the WARC are rebuilt from what it sent and received (in order, repeated
@@ -50,7 +67,11 @@ Known limits: robotparser applies the first matching Allow/Disallow line and kno
 wildcards (Google applies the longest match with wildcards), and takes only an integer Crawl-delay,
 which is obeyed however long. A 429/503 Retry-After is not honoured beyond the fixed delay,
 robots.txt is not re-read during a long crawl, and http:// and https:// of one host are paced
-apart (two origins). The robots.txt fetches are not written to the WARC.
+apart (two origins). The robots.txt fetches are not written to the WARC. Through a proxy (http_proxy
+and the like) the proxy resolves and dials the host, so the address check resolves the name here and
+refuses it unless every address is public: a name that rebinds between that lookup and the proxy's is
+beyond our reach (refuse private destinations at the proxy too), and a name this machine cannot resolve
+counts as error_dns.
 """
 
 from __future__ import annotations
@@ -58,6 +79,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import ipaddress
 import os
 import socket
 import ssl
@@ -74,7 +96,9 @@ from urllib.parse import urldefrag, urljoin, urlsplit
 from urllib.robotparser import RobotFileParser
 
 import requests
+import requests.adapters
 import urllib3
+import urllib3.util.connection
 from tqdm import tqdm
 
 from lmforge import __version__
@@ -194,14 +218,110 @@ class _Timeout(Exception):
     """The whole request took longer than timeout_s (requests' timeouts are per socket operation)."""
 
 
+# ----------------------------------------------------------------------------- public addresses only
+
+class _PrivateAddress(Exception):
+    """A host resolves only to addresses the crawler does not dial without allow_private. Not an OSError, so
+    urllib3 neither retries it nor wraps it: it reaches fetch as it was raised."""
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are the IPv4 address a NAT64 dials
+
+
+def _is_public_address(address: str) -> bool:
+    """Whether the crawler may dial address (an IP literal, as getaddrinfo gives it): globally routable unicast.
+    An IPv6 address that stands for an IPv4 one (mapped ::ffff:a.b.c.d, NAT64) is judged as that IPv4 address;
+    a 6to4 one (2002::/16) must be public itself and carry a public one."""
+    ip = ipaddress.ip_address(address.partition("%")[0])  # an IPv6 zone (fe80::1%eth0) is not part of the address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped or ip in _NAT64:
+            return _is_public_address(str(ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)))
+        if ip.sixtofour and not _is_public_address(str(ip.sixtofour)):
+            return False
+    # is_global alone lets multicast through, and reserved ranges (240/4, ::/8) differ between Python versions
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_private or ip.is_loopback
+                                 or ip.is_link_local or ip.is_unspecified)
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """The distinct addresses host resolves to, in the resolver's order (socket.gaierror when it does not)."""
+    infos = socket.getaddrinfo(host, port, urllib3.util.connection.allowed_gai_family(), socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def _refuse(host: str, addresses: list[str]) -> _PrivateAddress:
+    return _PrivateAddress(f"{host} resolves to {', '.join(addresses)}, not a public address; crawl with "
+                           "allow_private=True (--allow-private) to fetch it")
+
+
+class _PinnedConnection(urllib3.connection.HTTPConnection):
+    """Dials only a public address of its host, and the very address it checked: the host is resolved once
+    here and the socket opened to that IP literal (urllib3 would resolve the name again), while self.host,
+    hence the Host header, SNI and certificate check, stays the name."""
+
+    def _new_conn(self) -> socket.socket:
+        name = self._dns_host
+        try:
+            addresses = _resolve(name, self.port)
+        except socket.gaierror as e:
+            raise urllib3.exceptions.NameResolutionError(self.host, self, e) from e
+        public = [a for a in addresses if _is_public_address(a)]
+        if not public:
+            raise _refuse(self.host, addresses)
+        error: Exception | None = None
+        for address in public:  # as create_connection does: the next address when one does not answer
+            self._dns_host = address
+            try:
+                return super()._new_conn()
+            except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as e:
+                error = e
+            finally:
+                self._dns_host = name
+        raise error
+
+
+class _PinnedHTTPSConnection(_PinnedConnection, urllib3.connection.HTTPSConnection):
+    pass  # HTTPSConnection.connect opens its socket with _new_conn, then wraps it in TLS for self.host
+
+
+class _PinnedHTTPConnectionPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _PinnedConnection
+
+
+class _PinnedHTTPSConnectionPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _PinnedHTTPSConnection
+
+
+class _PublicOnlyAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with pinned, public-only connections. A proxied request does not use them (requests
+    opens it through a ProxyManager, to the proxy the user chose), so its target is checked by name first."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PinnedHTTPConnectionPool,
+                                                   "https": _PinnedHTTPSConnectionPool}
+
+    def send(self, request, *args, proxies=None, **kwargs):
+        if requests.utils.select_proxy(request.url, proxies):
+            parts = urlsplit(request.url)
+            try:
+                addresses = _resolve(parts.hostname, parts.port or {"http": 80, "https": 443}[parts.scheme])
+            except socket.gaierror as e:
+                raise requests.ConnectionError(f"{parts.hostname}: {e}", request=request) from e
+            if not all(_is_public_address(a) for a in addresses):  # the proxy may dial any of them
+                raise _refuse(parts.hostname, addresses)
+        return super().send(request, *args, proxies=proxies, **kwargs)
+
+
 # What a failed request may raise: requests' exceptions, urllib3's from reading the raw body, ours, and
 # ValueError for a URL that urlsplit or urllib3 refuses.
-_FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, _Timeout, ValueError)
+_FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, _Timeout, _PrivateAddress, ValueError)
 
 
 def _error_kind(exc: BaseException) -> str:
-    """error_<kind> of a failed request, looking through the wrappers requests and urllib3 put around the
-    cause (ConnectionError(MaxRetryError(reason=NameResolutionError(gaierror))), say)."""
+    """The bucket of a failed request, skipped_private_address or error_<kind>, looking through the wrappers
+    requests and urllib3 put around the cause (ConnectionError(MaxRetryError(reason=NameResolutionError(
+    gaierror))), say)."""
     chain, todo = [], [exc]
     while todo and len(chain) < 16:
         e = todo.pop()
@@ -211,6 +331,8 @@ def _error_kind(exc: BaseException) -> str:
 
     def caused_by(*types) -> bool:
         return any(isinstance(e, types) for e in chain)
+    if caused_by(_PrivateAddress):
+        return "skipped_private_address"
     timeouts = (_Timeout, requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
     if any(isinstance(e, timeouts) and not isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain):
         return "error_timeout"  # (urllib3 makes a refused connection a ConnectTimeoutError, for history's sake)
@@ -231,17 +353,32 @@ def _error_kind(exc: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- the crawler
 
+class _Session(requests.Session):
+    """A session that never follows a redirect itself: the crawler follows them hop by hop (robots.txt and
+    pacing per hop, and a hop's body unread). requests' resolve_redirects reads a hop's whole body into memory
+    (Response.content) before anything else, even with allow_redirects=False, where Session.send runs it to
+    fill Response.next: a redirect with a 10 GB body, or a compression bomb, would be read whole."""
+
+    def resolve_redirects(self, *args, **kwargs):
+        return iter(())
+
+
 class _Crawler:
-    def __init__(self, writer: _WarcWriter, user_agent: str, delay_s: float, max_bytes: int, timeout_s: float):
+    def __init__(self, writer: _WarcWriter, user_agent: str, delay_s: float, max_bytes: int, timeout_s: float,
+                 allow_private: bool):
         self.writer, self.user_agent = writer, user_agent
         self.delay_s, self.max_bytes, self.timeout_s = delay_s, max_bytes, timeout_s
+        self.allow_private = allow_private
         self.hosts: dict[str, _Host] = {}
         self.hosts_lock = threading.Lock()
 
     def session(self) -> requests.Session:
-        session = requests.Session()
+        session = _Session()
         session.headers["User-Agent"] = self.user_agent
-        session.max_redirects = MAX_REDIRECTS  # used only by the robots.txt fetch; pages redirect by hand
+        if not self.allow_private:
+            adapter = _PublicOnlyAdapter()
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
         return session
 
     def host(self, url: str) -> _Host:
@@ -249,19 +386,18 @@ class _Crawler:
         with self.hosts_lock:
             return self.hosts.setdefault(origin, _Host(origin, self.delay_s))
 
-    def _get(self, session: requests.Session, url: str, *, max_bytes: int, redirects: bool = False):
-        """(response, body, truncated): the body streamed and cut at max_bytes, within timeout_s overall."""
+    def _get(self, session: requests.Session, url: str, *, max_bytes: int):
+        """(response, body, truncated): the body streamed and cut at max_bytes of decoded bytes, within timeout_s
+        overall. A redirect is returned, not followed, its body unread (a hop's body may be a bomb too)."""
         deadline = time.monotonic() + self.timeout_s
-        response = session.get(url, stream=True, allow_redirects=redirects, timeout=self.timeout_s)
+        response = session.get(url, stream=True, allow_redirects=False, timeout=self.timeout_s)
         with response:
             if response.is_redirect:
-                return response, b"", False  # a hop: its body is not kept
+                return response, b"", False  # closing it unread drops the connection
             body, truncated = bytearray(), False
             # read1 returns what has arrived, so a server trickling bytes meets the deadline too (iter_content
-            # blocks until a whole chunk is in); it is urllib3 >= 2.2's, and iter_content serves older ones
-            read1 = getattr(response.raw, "read1", None)
-            chunks = iter(lambda: read1(_CHUNK_BYTES, decode_content=True), b"") if read1 else \
-                response.iter_content(_CHUNK_BYTES)
+            # blocks until a whole chunk is in), and since urllib3 2.6 it inflates no more than it returns
+            chunks = iter(lambda: response.raw.read1(_CHUNK_BYTES, decode_content=True), b"")
             for chunk in chunks:
                 body += chunk
                 if len(body) > max_bytes:
@@ -288,11 +424,16 @@ class _Crawler:
     def _read_robots(self, host: _Host, session: requests.Session) -> None:
         """Set host.robots, or host.robots_verdict where robots.txt cannot be read."""
         robots = RobotFileParser(host.origin + "/robots.txt")
+        url = robots.url
         try:  # robots.txt redirects are followed (5 hops) as Google does; more count as a 404
-            response, body, _ = self._get(session, robots.url, max_bytes=MAX_ROBOTS_BYTES, redirects=True)
-            status = response.status_code
-        except requests.TooManyRedirects:
-            status, body = 404, b""
+            for _ in range(MAX_REDIRECTS + 1):
+                response, body, _ = self._get(session, url, max_bytes=MAX_ROBOTS_BYTES)
+                if not response.is_redirect:
+                    status = response.status_code
+                    break
+                url = urljoin(response.url, response.headers["location"])
+            else:
+                status, body = 404, b""
         except _FAILURES as exc:
             host.robots_verdict = _error_kind(exc)  # the host is unreachable: its pages would be too
             return
@@ -369,11 +510,12 @@ class _Crawler:
 
 def crawl(urls: list[str], out_path: str | os.PathLike, *, user_agent: str = DEFAULT_USER_AGENT,
           delay_s: float = 1.0, max_bytes: int = 5 * 1024 * 1024, timeout_s: float = 20.0, workers: int = 4,
-          progress: bool = True) -> Counter:
+          progress: bool = True, allow_private: bool = False) -> Counter:
     """Fetch each URL once into one gzip WARC file at out_path (written as out_path + ".partial" and renamed
     when the crawl completes). delay_s: least seconds between two requests to one host; max_bytes: the
     most body bytes kept of one response; timeout_s: the most seconds one request may take; workers:
-    hosts crawled at once. Returns the counts described in the module docstring."""
+    hosts crawled at once; allow_private: also fetch loopback, private and link-local addresses (off: a URL
+    list cannot reach this machine or its network). Returns the counts described in the module docstring."""
     if delay_s < 0 or max_bytes < 1 or timeout_s <= 0 or workers < 1:
         raise LmforgeError(f"crawl: delay {delay_s} s, max bytes {max_bytes}, timeout {timeout_s} s, workers "
                            f"{workers}: the delay must be >= 0 and the others > 0")
@@ -403,7 +545,8 @@ def crawl(urls: list[str], out_path: str | os.PathLike, *, user_agent: str = DEF
     counts_lock, stop = threading.Lock(), threading.Event()
     with open(partial, "wb") as file, tqdm(total=len(urls), unit="url", desc="crawl", disable=not progress) as bar:
         bar.update(sum(counts.values()))
-        crawler = _Crawler(_WarcWriter(file, out_path.name, user_agent), user_agent, delay_s, max_bytes, timeout_s)
+        crawler = _Crawler(_WarcWriter(file, out_path.name, user_agent), user_agent, delay_s, max_bytes, timeout_s,
+                           allow_private)
 
         def crawl_host(host_urls: list[str]) -> None:
             with crawler.session() as session:  # one connection pool per worker, used by one thread

@@ -21,21 +21,27 @@ position in it (a warning in the log, and a line in problems_dir/*.jsonl, which 
 gathers into the manifest and prints):
     binary           a NUL byte in the first 8 KiB (images, archives, compiled files)
     invalid_utf8     a file or JSONL line that is not UTF-8 (position: the first bad byte)
-    too_large        a document over max_document_bytes (default 16 MB; a file is not even read)
+    too_large        a document over max_document_bytes (default 16 MiB): a file, a JSONL line or a WARC
+                     record (by its Content-Length) over it is not read into memory but read past a
+                     MiB at a time, or seeked past in a plain file, so a 10 GB record or line, or a
+                     gzip bomb, costs time but never more memory than the cap
     empty            nothing but whitespace
     bad_json         a JSONL line that does not parse as a JSON object
     no_text_field    a JSONL/Parquet record without a string text field
     truncated        a gzip stream, WARC record or Parquet file that ends early: what came before
                      it is kept, the cut record is the one document lost
-    malformed_warc   bytes where a WARC record header should be: skipped up to the next record
+    malformed_warc   bytes where a WARC record header should be, or a header over 1 MiB: skipped up to
+                     the next record (a line is looked at for "WARC/" in its first 64 KiB only)
 HTML responses are decoded as their Content-Type says (else UTF-8, else windows-1252, as browsers
 do, counted `decoded_fallback`); a 404 or a non-HTML response is dropped by status, without a warning.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 import os
 import zlib
 from collections.abc import Iterator
@@ -48,12 +54,14 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.utils.logging import logger
 
+from lmforge.corpus import MAX_DOCUMENT_BYTES, SKIP_CHUNK_BYTES, read_line
+
 HTML_SUFFIXES = frozenset({".html", ".htm", ".xhtml"})
 CODE_SUFFIXES = frozenset({".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".go", ".rs", ".rb",
                            ".php", ".sh", ".sql", ".kt", ".swift", ".scala", ".cs", ".lua", ".r", ".jl"})
-
-
-MAX_DOCUMENT_BYTES = 16 << 20
+MAX_WARC_HEADER_BYTES = 1 << 20  # one record's header lines together; real ones are a few hundred bytes to a few KiB
+_MAX_LINE_BYTES = 64 << 10  # a line between records is looked at for "WARC/" up to here; longer ones are garbage
+_DECOMPRESSING = (gzip.GzipFile, bz2.BZ2File, lzma.LZMAFile)  # seekable, but a seek reads (8 KiB at a time)
 
 
 def decode_html(raw: bytes, step, charset: str = "utf-8") -> str:
@@ -73,59 +81,89 @@ class WarcRecord(NamedTuple):
     offset: int  # in the uncompressed stream
     headers: dict[str, str]
     block: bytes
-    problem: str | None = None  # "malformed_warc" or "truncated": headers/block then describe what was there
+    problem: str | None = None  # "malformed_warc", "too_large" or "truncated": headers/block say what was there
 
 
-def warc_records(stream: BinaryIO) -> Iterator[WarcRecord]:
+def _skip(stream: BinaryIO, num_bytes: int) -> int:
+    """Move num_bytes on without keeping them: a seek in a plain file, else reads of a MiB at a time (through
+    a decompressor, whose own seek reads too, in 8 KiB steps). The bytes skipped: fewer at the end."""
+    if stream.seekable() and not isinstance(stream, _DECOMPRESSING):
+        here = stream.tell()
+        end = stream.seek(0, os.SEEK_END)
+        return stream.seek(min(here + num_bytes, end)) - here
+    left = num_bytes
+    while left:
+        piece = stream.read(min(left, SKIP_CHUNK_BYTES))
+        if not piece:
+            break
+        left -= len(piece)
+    return num_bytes - left
+
+
+def warc_records(stream: BinaryIO, max_block_bytes: int = MAX_DOCUMENT_BYTES) -> Iterator[WarcRecord]:
     """Each record of an uncompressed WARC stream (a gzip one is opened as one stream: Python's gzip reads
-    the member-per-record files Common Crawl writes). Bytes that are not a record header are reported
-    once (problem "malformed_warc") and skipped up to the next "WARC/" line; a stream that ends inside a
-    record, or a gzip stream cut short, ends with one record whose problem is "truncated"."""
+    the member-per-record files Common Crawl writes). Bytes that are not a record header, or a header over
+    MAX_WARC_HEADER_BYTES, are reported once (problem "malformed_warc") and skipped up to the next "WARC/"
+    line; a record whose Content-Length is over max_block_bytes is skipped without being read (problem
+    "too_large", empty block); a stream that ends inside a record, or a gzip stream cut short, ends with
+    one record whose problem is "truncated" (or "too_large", for one that was not going to be read)."""
     offset = 0
 
-    def skip_to_next_header() -> bytes:
+    def next_line(limit: int = _MAX_LINE_BYTES) -> tuple[int, bytes | None]:
+        """(where the line starts, the line): b"" at the end, None for a line over limit (read past)."""
         nonlocal offset
-        line = b""
-        while not line.startswith(b"WARC/"):
-            line = stream.readline()
-            if not line:
-                return b""
-            offset += len(line)
-        return line
+        start = offset
+        line, length = read_line(stream, limit)
+        offset += length
+        return start, line
+
+    def skip_to_next_header() -> tuple[int, bytes]:
+        while True:
+            start, line = next_line()
+            if line is not None and (not line or line.startswith(b"WARC/")):
+                return start, line
 
     try:
-        line = stream.readline()
-        offset += len(line)
-        while line:
-            start = offset - len(line)
-            if not line.strip():  # the blank lines that end the previous record
-                line = stream.readline()
-                offset += len(line)
+        start, line = next_line()
+        while line != b"":
+            if line is not None and not line.strip():  # the blank lines that end the previous record
+                start, line = next_line()
                 continue
-            if not line.startswith(b"WARC/"):
+            if line is None or not line.startswith(b"WARC/"):
                 yield WarcRecord(start, {}, b"", "malformed_warc")
-                line = skip_to_next_header()
+                start, line = skip_to_next_header()
                 continue
-            headers = {}
-            for header in iter(stream.readline, b""):
-                offset += len(header)
-                if not header.strip():
+            headers, header_bytes = {}, 0
+            while True:
+                _, header = next_line(MAX_WARC_HEADER_BYTES - header_bytes)
+                if header is None or header == b"" or not header.strip():
                     break
+                header_bytes += len(header)
                 key, _, value = header.decode("utf-8", "replace").partition(":")
                 headers[key.strip().lower()] = value.strip()
-            length = headers.get("content-length", "0")
-            if not length.isdigit():
-                yield WarcRecord(start, headers, b"", "malformed_warc")
-                line = skip_to_next_header()
-                continue
-            block = stream.read(int(length))
-            offset += len(block)
-            if len(block) < int(length):
-                yield WarcRecord(start, headers, block, "truncated")
+            if header == b"":
+                yield WarcRecord(start, headers, b"", "truncated")
                 return
-            yield WarcRecord(start, headers, block)
-            line = stream.readline()
-            offset += len(line)
+            length = headers.get("content-length", "0")
+            if header is None or not (length.isascii() and length.isdigit()):
+                yield WarcRecord(start, headers, b"", "malformed_warc")
+                start, line = skip_to_next_header()
+                continue
+            length = int(length)
+            if length > max_block_bytes:
+                skipped = _skip(stream, length)
+                offset += skipped
+                yield WarcRecord(start, headers, b"", "too_large")
+                if skipped < length:
+                    return
+            else:
+                block = stream.read(length)
+                offset += len(block)
+                if len(block) < length:
+                    yield WarcRecord(start, headers, block, "truncated")
+                    return
+                yield WarcRecord(start, headers, block)
+            start, line = next_line()
     except (EOFError, zlib.error, gzip.BadGzipFile):  # a gzip stream cut short or damaged
         yield WarcRecord(offset, {}, b"", "truncated")
 
@@ -189,8 +227,12 @@ class InputReader(BaseDiskReader):
         if size > self.max_document_bytes:  # not even read
             self.drop(filepath, "whole file", "too_large", f"{size:,} bytes > {self.max_document_bytes:,}")
             return
-        with self.data_folder.open(filepath, "rb") as f:
-            raw = f.read()
+        with self.data_folder.open(filepath, "rb") as f:  # no further than the cap, whatever size was reported
+            raw = f.read(self.max_document_bytes + 1)
+        if len(raw) > self.max_document_bytes:  # it grew since it was listed, or its file system says 0 (procfs)
+            self.drop(filepath, "whole file", "too_large", f"over {self.max_document_bytes:,} bytes, "
+                      f"though its size was given as {size:,}")
+            return
         if b"\x00" in raw[:8192]:  # images, archives, compiled files: no text to read
             self.drop(filepath, f"byte {raw.index(0)}", "binary")
             return
@@ -223,13 +265,17 @@ class InputReader(BaseDiskReader):
         line_no = 0
         with self.data_folder.open(filepath, "rb", compression="infer") as f:
             try:
-                for line_no, line in enumerate(f, start=1):
-                    if not line.strip():
+                while True:
+                    line, length = read_line(f, self.max_document_bytes)  # a longer line is read past, not held
+                    if not length:
+                        break
+                    line_no += 1
+                    if line is not None and not line.strip():
                         continue
                     self.stat_update("documents_in")
                     where = f"line {line_no}"
-                    if len(line) > self.max_document_bytes:
-                        self.drop(filepath, where, "too_large", f"{len(line):,} bytes")
+                    if line is None:
+                        self.drop(filepath, where, "too_large", f"{length:,} bytes > {self.max_document_bytes:,}")
                         continue
                     try:
                         record = json.loads(line.decode("utf-8"))
@@ -269,13 +315,13 @@ class InputReader(BaseDiskReader):
         files (format "text"); the id is the record's target URI, also metadata["url"]."""
         with self.data_folder.open(filepath, "rb") as raw:
             stream = gzip.open(raw) if filepath.endswith(".gz") else raw
-            for index, record in enumerate(warc_records(stream)):
+            for index, record in enumerate(warc_records(stream, self.max_document_bytes)):
                 headers, where = record.headers, f"record {index} (byte {record.offset:,} uncompressed)"
                 kind = headers.get("warc-type", "unknown")
-                if record.problem or len(record.block) > self.max_document_bytes:
+                if record.problem:
                     self.stat_update("documents_in")
-                    self.drop(filepath, where, record.problem or "too_large",
-                              "" if record.problem else f"{len(record.block):,} bytes")
+                    self.drop(filepath, where, record.problem, f"Content-Length {int(headers['content-length']):,} "
+                              f"> {self.max_document_bytes:,}" if record.problem == "too_large" else "")
                     continue
                 url = headers.get("warc-target-uri", f"{filepath}#{index}")
                 if kind == "conversion":
