@@ -22,6 +22,10 @@ a run killed mid-write, or a power cut, leaves the previous checkpoint intact an
 complete one. Rotation keeps the newest checkpoints by step number (as text, step_1000000 sorts
 before step_999000). A `latest` naming a missing or broken folder (a file missing, truncated or not
 matching its manifest hash) falls back to the newest good checkpoint by step, with a warning.
+
+Outputs a user names (import, export) never replace what is there unless asked: check_output
+refuses a non-empty folder or an existing file without --overwrite, and with it the new output is
+written beside the old and swapped in.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 def _write_folder(final: Path, write, *, manifest: bool = True) -> Path:
     """Call write(tmp_folder), add a manifest, fsync it all, then swap the folder into place.
 
-    Replaces a folder already at `final` as a whole.
+    Replaces a folder already at `final` as a whole; callers writing where a user points check_output first.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(final, "tmp")
@@ -107,6 +111,32 @@ def _write_folder(final: Path, write, *, manifest: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents
+
+
+def check_output(out: Path, *, overwrite: bool, inputs: tuple = (), kind: str = "folder") -> None:
+    """Refuse to write `out` (a "folder" or a "file") over anything lmforge did not make, unless `overwrite`:
+    a non-empty folder or an existing file is named with the fix. Never a path that would delete an input
+    (the input itself, a folder holding it, or a file inside an input folder), whatever `overwrite` says."""
+    where = out.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if _contains(where, source) or (where.exists() and _contains(source, where)):
+            raise LmforgeError(f"--out {out}: writing there would replace the input {source}; choose another --out")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if kind == "file" and out.is_dir():
+        raise LmforgeError(f"--out {out} is a folder; give the path of the file to write")
+    if kind == "folder" and out.is_dir() and not any(out.iterdir()):
+        return  # an empty folder made for the output
+    if not overwrite:
+        what = "a folder that is not empty" if out.is_dir() else "a file"
+        raise LmforgeError(f"--out {out} is {what}; pass --overwrite to replace it, or choose another --out")
 
 
 def read_manifest(folder: Path) -> dict[str, str]:

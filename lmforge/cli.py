@@ -303,6 +303,7 @@ def _add_export_args(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (hf) or .gguf file (gguf)")
     p.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
                    help="gguf: precision of the weight matrices (default auto: as stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it is a non-empty folder or a file")
 
 
 def _add_import_args(sub) -> None:
@@ -313,6 +314,7 @@ def _add_import_args(sub) -> None:
                                    "Qwen3, GPT-2.")
     p.add_argument("source", help="the Hugging Face model folder")
     p.add_argument("--out", required=True, help="the lmforge model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it is a non-empty folder")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="convert the weights (default auto: keep the checkpoint's precision)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -689,12 +691,12 @@ def cmd_export(args) -> None:
     if args.format == "hf":
         from lmforge.hf import export_hf
 
-        out = export_hf(folder, args.out, run_dir=args.run)
+        out = export_hf(folder, args.out, run_dir=args.run, overwrite=args.overwrite)
         print(f"wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
     else:
         from lmforge.export_gguf import export_gguf
 
-        out = export_gguf(folder, args.out, dtype=args.dtype, tokenizer=tok_path)
+        out = export_gguf(folder, args.out, dtype=args.dtype, tokenizer=tok_path, overwrite=args.overwrite)
         print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
 
 
@@ -703,7 +705,7 @@ def cmd_import(args) -> None:
     from lmforge.hf import import_hf
 
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    out = import_hf(args.source, args.out, dtype=dtype, allow_pickle=args.allow_pickle)
+    out = import_hf(args.source, args.out, dtype=dtype, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     print(f"wrote {out}; use it with --model {out} (generate, eval, export)")
 
 
