@@ -1,18 +1,35 @@
 """The `lmforge` command: one subcommand per stage, each backed by one module.
 
 A user mistake (LmforgeError) prints one line naming the problem and the fix, and exits 2;
-no traceback. Each command imports the stage modules it needs when it runs.
+no traceback. Each command imports the stage modules it needs when it runs. Stop strings take
+the escapes a shell passes through as typed (`--stop "\\n\\n"` is two newlines).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from lmforge.base import LmforgeError
+
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr0\\])")
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """The characters \\n, \\t, \\r, \\0, \\\\, \\xHH, \\uXXXX and \\UXXXXXXXX stand for; a shell passes
+    `"\\n"` on as a backslash and an n. Any other backslash stays as typed (a regex's \\d, say)."""
+    def char(m: re.Match) -> str:
+        if m[1] in _ESCAPED:
+            return _ESCAPED[m[1]]
+        code = int(m[1][1:], 16)
+        return chr(code) if code <= 0x10FFFF else m[0]  # past Unicode: kept as typed
+
+    return _ESCAPE.sub(char, text)
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -113,7 +130,8 @@ def _add_generate_args(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], type=unescape,
+                   help="stop before this string (repeatable); \\n, \\t, \\uXXXX are the characters")
     p.add_argument("--show-special", action="store_true",
                    help="print special tokens (chat markers, padding) as text instead of leaving them out")
     p.add_argument("--device", default="auto")

@@ -125,3 +125,15 @@ def test_cuda_request_without_gpu(model_folder, capsys):
         pytest.skip("this machine has a GPU")
     one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x", "--device", "cuda"],
                    "CUDA is not available")
+
+
+def test_stop_strings_take_the_escapes_a_shell_passes_through():
+    """`--stop "\\n\\n"` reaches the program as backslash, n, backslash, n: the README's two newlines."""
+    from lmforge.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "x", "--stop", r"\n\n",
+                                      "--stop", r"a\tb\\n\u00e9\x41", "--stop", r"\d+ é", "--stop", "\n",
+                                      "--stop", r"\UFFFFFFFF"])
+    # unknown escapes, code points past Unicode and real newlines stay as given
+    assert args.stop == ["\n\n", "a\tb\\néA", r"\d+ é", "\n", r"\UFFFFFFFF"]
+
