@@ -43,6 +43,20 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+# optional modules -> the extra of pyproject.toml that installs them (pip install 'lmforge[EXTRA]')
+EXTRAS = {"ray": "ray", "fasttext": "langid"}
+
+
+def missing_module(name: str, purpose: str | None = None) -> str:
+    """The one line for a module that is not installed: what needs it and the pip command that installs it."""
+    top = name.partition(".")[0]
+    fix = (f"pip install 'lmforge[{EXTRAS[top]}]'" if top in EXTRAS
+           else f"pip install {top} (or reinstall lmforge, which brings its dependencies)")
+    what = f"{purpose} needs {top!r}, which is not installed" if purpose else \
+        f"the Python module {top!r} is not installed"
+    return f"{what}: {fix}"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write through a temporary file in the same folder, fsync it, rename it over `path` and fsync the
     folder: a crash leaves the old file or the new one, never half a file, and a completed call survives

@@ -1,8 +1,9 @@
 """The `lmforge` command: one subcommand per stage, each backed by one module.
 
 A user mistake (LmforgeError) prints one line naming the problem and the fix, and exits 2;
-no traceback. Each command imports the stage modules it needs when it runs. Stop strings take
-the escapes a shell passes through as typed (`--stop "\\n\\n"` is two newlines).
+no traceback; so does a missing dependency, named with the extra that installs it. Each command
+imports the stage modules it needs when it runs. Stop strings take the escapes a shell passes
+through as typed (`--stop "\\n\\n"` is two newlines).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from lmforge.base import LmforgeError
+from lmforge.base import LmforgeError, missing_module
 
 _ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr0\\])")
 _ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
@@ -803,6 +804,11 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except LmforgeError as e:
         print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if not e.name or e.name.partition(".")[0] == "lmforge":
+            raise  # a bug, not an installation: the traceback is for us
+        print(f"lmforge {args.command}: error: {missing_module(e.name)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
