@@ -16,8 +16,16 @@ Loading builds the model on the meta device and reads each tensor straight into 
 storage (weights.py), hashing the file on the way: a checkpoint costs its own size in memory
 and is read once.
 
-Folders are written under a temporary name and renamed into place, so a run killed mid-write
-leaves the previous checkpoint intact; `checkpoints/latest` names the newest complete one.
+Folders are written under a fresh temporary name, fsynced (every file, then the folder) and renamed
+into place, and the rename fsynced, before `checkpoints/latest` moves (an atomic, fsynced rewrite):
+a run killed mid-write, or a power cut, leaves the previous checkpoint intact and `latest` naming a
+complete one. Rotation keeps the newest checkpoints by step number (as text, step_1000000 sorts
+before step_999000). A `latest` naming a missing or broken folder (a file missing, truncated or not
+matching its manifest hash) falls back to the newest good checkpoint by step, with a warning.
+
+Outputs a user names (import, export) never replace what is there unless asked: check_output
+refuses a non-empty folder or an existing file without --overwrite, and with it the new output is
+written beside the old and swapped in.
 """
 
 from __future__ import annotations
@@ -25,14 +33,17 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import secrets
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.base import sha256_file
-from lmforge.common import LmforgeError, atomic_write_text
+from lmforge.base import fsync_dir, fsync_file, sha256_file
+from lmforge.common import LmforgeError, atomic_write_text, print0
 from lmforge.model import ModelConfig, Transformer
 from lmforge.weights import iter_tensors, read_header
 
@@ -51,24 +62,81 @@ def unwrap(model: torch.nn.Module) -> Transformer:
     return model
 
 
-def _write_folder(final: Path, write) -> Path:
-    """Call write(tmp_folder), add a manifest, then swap the folder into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    manifest = {"files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+def _sibling(final: Path, kind: str) -> Path:
+    """A name beside `final` that nothing has: temporary folders never reuse (or delete) an existing path."""
+    return final.with_name(f".{final.name}.{secrets.token_hex(4)}.{kind}")
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` to `final` and fsync the parent. Whatever was at `final` is moved aside
+    first and removed only once the new one is in place; if the rename fails it is put back."""
+    if not (final.exists() or final.is_symlink()):
         os.replace(tmp, final)
-        shutil.rmtree(old)
+        fsync_dir(final.parent)
+        return
+    aside = _sibling(final, "old")
+    os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    fsync_dir(final.parent)
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
     else:
-        os.replace(tmp, final)
+        aside.unlink()
+
+
+def _write_folder(final: Path, write, *, manifest: bool = True) -> Path:
+    """Call write(tmp_folder), add a manifest, fsync it all, then swap the folder into place.
+
+    Replaces a folder already at `final` as a whole; callers writing where a user points check_output first.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(final, "tmp")
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 would make shared model folders unreadable to others
+    try:
+        write(tmp)
+        if manifest:
+            listing = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / MANIFEST_FILE).write_text(json.dumps({"files": listing}, indent=2))
+        # data first, then the names: a rename that reaches the disk before the files would leave a
+        # complete-looking folder of empty files after a power cut
+        for p in sorted(tmp.rglob("*"), key=lambda p: -len(p.parts)):
+            (fsync_dir if p.is_dir() else fsync_file)(p)
+        fsync_dir(tmp)
+        _swap_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents
+
+
+def check_output(out: Path, *, overwrite: bool, inputs: tuple = (), kind: str = "folder") -> None:
+    """Refuse to write `out` (a "folder" or a "file") over anything lmforge did not make, unless `overwrite`:
+    a non-empty folder or an existing file is named with the fix. Never a path that would delete an input
+    (the input itself, a folder holding it, or a file inside an input folder), whatever `overwrite` says."""
+    where = out.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if _contains(where, source) or (where.exists() and _contains(source, where)):
+            raise LmforgeError(f"--out {out}: writing there would replace the input {source}; choose another --out")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if kind == "file" and out.is_dir():
+        raise LmforgeError(f"--out {out} is a folder; give the path of the file to write")
+    if kind == "folder" and out.is_dir() and not any(out.iterdir()):
+        return  # an empty folder made for the output
+    if not overwrite:
+        what = "a folder that is not empty" if out.is_dir() else "a file"
+        raise LmforgeError(f"--out {out} is {what}; pass --overwrite to replace it, or choose another --out")
 
 
 def read_manifest(folder: Path) -> dict[str, str]:
@@ -256,19 +324,107 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
+    for stale in [*ckpt_root.glob(".step_*.tmp"), *ckpt_root.glob(".step_*.old")]:  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
     folder = _write_folder(ckpt_root / f"step_{step:06d}", write)
-    atomic_write_text(ckpt_root / "latest", folder.name)
-    for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
-        shutil.rmtree(old)
+    atomic_write_text(ckpt_root / "latest", folder.name)  # only once the folder is on disk
+    # The one just saved and the keep_last - 1 before it, by step number. Folders past this step are
+    # from the run this one resumed from an earlier checkpoint: they are a history this run has left.
+    earlier = [f for s, f in step_folders(ckpt_root) if s < step]
+    keep = {folder, *earlier[max(0, len(earlier) - keep_last + 1):]}
+    for _, old in step_folders(ckpt_root):
+        if old not in keep:
+            shutil.rmtree(old)
     return folder
 
 
+STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
+def step_folders(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint folder under ckpt_root, oldest first by step number."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := STEP_FOLDER.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete training checkpoint, from what can be seen without reading it
+    whole (every file listed in its manifest there, every safetensors file as long as its header
+    says); None when it looks complete. The hashes are checked as a checkpoint loads."""
+    if not folder.is_dir():
+        return "missing"
+    if not (folder / MANIFEST_FILE).is_file():
+        return f"no {MANIFEST_FILE}, so it was never completed"
+    try:
+        listed = read_manifest(folder)
+    except LmforgeError:
+        return f"unreadable {MANIFEST_FILE}"
+    for name in listed:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if name.endswith(".safetensors"):
+            try:
+                read_header(path)
+            except LmforgeError:
+                return f"{name} is truncated or corrupt"
+    return None
+
+
+def _first_good(run_dir: str | Path, use) -> tuple[Path | None, object, list[str]]:
+    """(folder, use(folder), rejected) for the first checkpoint that passes checkpoint_problem and
+    use(folder) (which may raise LmforgeError): the one `latest` names, then the rest newest first
+    by step. `rejected` names each one passed over and why; a warning says so when any was."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    order = [f for _, f in reversed(step_folders(root))]
+    rejected = []
+    if named is not None:
+        if STEP_FOLDER.fullmatch(named):
+            order = [root / named] + [f for f in order if f.name != named]
+        else:
+            rejected.append(f"{named!r} in latest (not a step_N name)")
+    elif order:
+        rejected.append("latest (missing)")
+    for folder in order:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            try:
+                result = use(folder)
+            except LmforgeError as e:
+                problem = str(e)
+            else:
+                if rejected:
+                    print0(f"warning: {root}: passed over {'; '.join(rejected)}; using {folder.name}, the newest "
+                           "good checkpoint", file=sys.stderr)
+                return folder, result, rejected
+        rejected.append(f"{folder.name} ({problem})")
+    return None, None, rejected
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if folder.exists() else None
+    """The checkpoint `latest` names, or when that one is missing or incomplete the newest complete one
+    by step (with a warning); None when there is none. Its hashes are checked when it loads."""
+    folder, _, rejected = _first_good(run_dir, lambda folder: None)
+    if folder is None and rejected:
+        print0(f"warning: {Path(run_dir) / 'checkpoints'}: no complete checkpoint: {'; '.join(rejected)}",
+               file=sys.stderr)
+    return folder
+
+
+def resume_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizers: list) -> tuple[Path, dict]:
+    """Load the newest good checkpoint of run_dir into model and optimizers (load_checkpoint), falling
+    back past broken ones with a warning; (folder, trainer state). One-line error when none is good."""
+    folder, state, rejected = _first_good(run_dir, lambda folder: load_checkpoint(folder, model, optimizers))
+    if folder is not None:
+        return folder, state
+    if not rejected:
+        raise LmforgeError(f"--resume: {run_dir} has no checkpoint to resume from; start without --resume")
+    raise LmforgeError(f"--resume: {Path(run_dir) / 'checkpoints'} has no usable checkpoint: {'; '.join(rejected)}. "
+                       "Start again without --resume")
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizers: list) -> dict:

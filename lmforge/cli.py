@@ -1,18 +1,36 @@
 """The `lmforge` command: one subcommand per stage, each backed by one module.
 
 A user mistake (LmforgeError) prints one line naming the problem and the fix, and exits 2;
-no traceback. Each command imports the stage modules it needs when it runs.
+no traceback; so does a missing dependency, named with the extra that installs it. Each command
+imports the stage modules it needs when it runs. Stop strings take the escapes a shell passes
+through as typed (`--stop "\\n\\n"` is two newlines).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from lmforge.base import LmforgeError
+from lmforge.base import LmforgeError, missing_module
+
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr0\\])")
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """The characters \\n, \\t, \\r, \\0, \\\\, \\xHH, \\uXXXX and \\UXXXXXXXX stand for; a shell passes
+    `"\\n"` on as a backslash and an n. Any other backslash stays as typed (a regex's \\d, say)."""
+    def char(m: re.Match) -> str:
+        if m[1] in _ESCAPED:
+            return _ESCAPED[m[1]]
+        code = int(m[1][1:], 16)
+        return chr(code) if code <= 0x10FFFF else m[0]  # past Unicode: kept as typed
+
+    return _ESCAPE.sub(char, text)
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -113,7 +131,8 @@ def _add_generate_args(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
-    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], type=unescape,
+                   help="stop before this string (repeatable); \\n, \\t, \\uXXXX are the characters")
     p.add_argument("--show-special", action="store_true",
                    help="print special tokens (chat markers, padding) as text instead of leaving them out")
     p.add_argument("--device", default="auto")
@@ -307,6 +326,7 @@ def _add_export_args(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (hf) or .gguf file (gguf)")
     p.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
                    help="gguf: precision of the weight matrices (default auto: as stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it is a non-empty folder or a file")
 
 
 def _add_import_args(sub) -> None:
@@ -317,6 +337,7 @@ def _add_import_args(sub) -> None:
                                    "Qwen3, GPT-2.")
     p.add_argument("source", help="the Hugging Face model folder")
     p.add_argument("--out", required=True, help="the lmforge model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it is a non-empty folder")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="convert the weights (default auto: keep the checkpoint's precision)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -705,12 +726,12 @@ def cmd_export(args) -> None:
     if args.format == "hf":
         from lmforge.hf import export_hf
 
-        out = export_hf(folder, args.out, run_dir=args.run)
+        out = export_hf(folder, args.out, run_dir=args.run, overwrite=args.overwrite)
         print(f"wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({str(out)!r})")
     else:
         from lmforge.export_gguf import export_gguf
 
-        out = export_gguf(folder, args.out, dtype=args.dtype, tokenizer=tok_path)
+        out = export_gguf(folder, args.out, dtype=args.dtype, tokenizer=tok_path, overwrite=args.overwrite)
         print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
 
 
@@ -719,7 +740,7 @@ def cmd_import(args) -> None:
     from lmforge.hf import import_hf
 
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    out = import_hf(args.source, args.out, dtype=dtype, allow_pickle=args.allow_pickle)
+    out = import_hf(args.source, args.out, dtype=dtype, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     print(f"wrote {out}; use it with --model {out} (generate, eval, export)")
 
 
@@ -799,6 +820,11 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except LmforgeError as e:
         print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if not e.name or e.name.partition(".")[0] == "lmforge":
+            raise  # a bug, not an installation: the traceback is for us
+        print(f"lmforge {args.command}: error: {missing_module(e.name)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)

@@ -51,6 +51,7 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,15 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lmforge.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_tensor_names, verify_manifest
+from lmforge.base import fsync_dir, fsync_file
+from lmforge.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    check_output,
+    check_tensor_names,
+    verify_manifest,
+)
 from lmforge.common import LmforgeError
 from lmforge.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, SPLIT_PATTERN
 from lmforge.weights import read_header
@@ -494,15 +503,17 @@ def _add_vocab(w: gguf.GGUFWriter, v: Vocab) -> None:
 
 
 def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, *, dtype: str = "auto",
-                tokenizer: str | os.PathLike | None = None, name: str | None = None) -> Path:
+                tokenizer: str | os.PathLike | None = None, name: str | None = None,
+                overwrite: bool = False) -> Path:
     """Write the model folder `folder` (config.json, model.safetensors, tokenizer.json) as one GGUF file.
 
     dtype: precision of the matrices, "auto" (the source's), "f32", "f16" or "bf16".
     tokenizer: the tokenizer.json, when it is not in `folder` (a training checkpoint's lives in the
-    run folder). name: general.name, the folder's name by default. The file is written under a
-    temporary name and renamed into place.
+    run folder). name: general.name, the folder's name by default. An existing file at out_path is
+    refused unless `overwrite`. The file is written under a temporary name, fsynced and renamed into place.
     """
     folder, out_path = Path(folder), Path(out_path)
+    check_output(out_path, overwrite=overwrite, inputs=(folder, tokenizer), kind="file")
     if dtype != "auto" and dtype not in OUT_DTYPES:
         raise LmforgeError(f"dtype={dtype!r}: choose auto, {', '.join(OUT_DTYPES)}")
     raw = _read_json(folder / CONFIG_FILE)
@@ -532,7 +543,7 @@ def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, *, dtype
         writer.add_tensor_info(t.name, t.shape, numpy_dtype, int(np.prod(t.shape)) * numpy_dtype.itemsize,
                                raw_dtype=t.qtype)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp = out_path.with_name(f".{out_path.name}.{secrets.token_hex(4)}.tmp")  # never a name already there
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
@@ -543,7 +554,9 @@ def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, *, dtype
                 assert tuple(data.shape) == t.shape, (t.name, tuple(data.shape), t.shape)
                 writer.write_tensor_data(_to_numpy(data, t.qtype))
         writer.close()
+        fsync_file(tmp)
         os.replace(tmp, out_path)
+        fsync_dir(out_path.parent)
     finally:
         writer.close()
         with contextlib.suppress(FileNotFoundError):

@@ -16,6 +16,10 @@ one small function per direction:
 Rotary settings are read in both spellings: `rope_theta` + `rope_scaling` (transformers 4) and
 `rope_parameters` (transformers 5); export writes both.
 
+Both write where `--out` points only when that is new, an empty folder, or (`overwrite`) a folder
+to replace: the output is written in a temporary sibling and swapped in whole, never mixed into
+or deleted from what a user had there (checkpoint.check_output).
+
 Security: weights are read from safetensors only. PyTorch pickles (.bin/.pt/.pth) can run code
 when unpickled, so they are refused unless the user opts in, and even then read with
 `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
@@ -36,6 +40,7 @@ from lmforge.checkpoint import (
     WEIGHTS_FILE,
     _write_folder,
     build_model,
+    check_output,
     check_tensor_names,
     config_from_dict,
     read_config,
@@ -215,12 +220,14 @@ def _source_names(config, names: list[str]) -> dict[str, str]:
 
 
 def import_hf(source: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
-              allow_pickle: bool = False) -> Path:
-    """Turn a local Hugging Face model folder into an lmforge model folder at `out`."""
+              allow_pickle: bool = False, overwrite: bool = False) -> Path:
+    """Turn a local Hugging Face model folder into an lmforge model folder at `out`: a new or empty
+    folder, or with `overwrite` a folder it replaces whole once the new one is complete."""
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise LmforgeError(f"{source}: no such folder; download the model first (e.g. `hf download NAME "
                            "--local-dir FOLDER`) and pass that folder")
+    check_output(out, overwrite=overwrite, inputs=(source,))  # before any work: a refusal costs nothing
     if not (source / CONFIG_FILE).exists():
         raise LmforgeError(f"{source}: no config.json; a Hugging Face model folder has one beside the weights")
     if not (source / TOKENIZER_FILE).exists():
@@ -291,10 +298,13 @@ def _model_card(config, config_json: dict, folder: Path, run_dir: Path | None) -
     return "\n".join(lines)
 
 
-def export_hf(folder: str | Path, out: str | Path, *, run_dir: str | Path | None = None) -> Path:
-    """Write `out` as a folder `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load as is."""
+def export_hf(folder: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
+              overwrite: bool = False) -> Path:
+    """Write `out` as a folder `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load as is: a new
+    or empty folder, or with `overwrite` a folder it replaces whole (written beside it, then swapped in)."""
 
     folder, out = Path(folder), Path(out)
+    check_output(out, overwrite=overwrite, inputs=(folder, run_dir))
     verify_manifest(folder)
     config = read_config(folder)
     config_json = json.loads((folder / CONFIG_FILE).read_text())
@@ -305,16 +315,18 @@ def export_hf(folder: str | Path, out: str | Path, *, run_dir: str | Path | None
     if not tokenizer_file.exists() and run_dir is not None:
         tokenizer_file = Path(run_dir) / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_file)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(folder / WEIGHTS_FILE, out / WEIGHTS_FILE)  # already Hugging Face names and layout
-    (out / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype, tokenizer), indent=2) + "\n")
-    tokenizer.export_hf(out, model_max_length=config.max_position_embeddings)
-    if (folder / "generation_config.json").exists():
-        shutil.copyfile(folder / "generation_config.json", out / "generation_config.json")
-    else:
-        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-                      "pad_token_id": tokenizer.pad_id, "max_length": config.max_position_embeddings}
-        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (out / "README.md").write_text(_model_card(config, config_json, folder,
-                                               Path(run_dir) if run_dir is not None else None))
-    return out
+
+    def write(tmp: Path):
+        shutil.copyfile(folder / WEIGHTS_FILE, tmp / WEIGHTS_FILE)  # already Hugging Face names and layout
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype, tokenizer), indent=2) + "\n")
+        tokenizer.export_hf(tmp, model_max_length=config.max_position_embeddings)
+        if (folder / "generation_config.json").exists():
+            shutil.copyfile(folder / "generation_config.json", tmp / "generation_config.json")
+        else:
+            generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                          "pad_token_id": tokenizer.pad_id, "max_length": config.max_position_embeddings}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(config, config_json, folder,
+                                                   Path(run_dir) if run_dir is not None else None))
+
+    return _write_folder(out, write, manifest=False)  # exactly the files transformers expects

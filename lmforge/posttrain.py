@@ -5,7 +5,9 @@ RL makes its data as it goes and has its own loop in rl.py).
 The loop: warm-up then cosine (or WSD) learning rate, gradient accumulation, clipping, autocast,
 a held-out loss every eval_every steps, checkpoints of only the parameters that train (with
 LoRA a checkpoint is the adapters and their optimizer state, a few MB), and `resume` continuing
-with exactly the batches, learning rates and random state an uninterrupted run would have had.
+with exactly the batches, learning rates and random state an uninterrupted run would have had
+(from the newest good checkpoint, past a broken one; metrics.jsonl rewound to its step, a cut
+last line dropped).
 A stage supplies `loss_fn(model, batch) -> (loss, {name: tensor})`; the named figures (DPO's
 reward accuracy, say) are averaged over each logging window and over the held-out set.
 """
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.base import rewind_metrics  # noqa: F401 - rl.py takes it from here with the other shared pieces
+from lmforge.checkpoint import resume_checkpoint, save_checkpoint
 from lmforge.common import LmforgeError, atomic_write_text, autocast, print0
 from lmforge.optim import build_optimizers, lr_multiplier, set_lr
 
@@ -142,12 +145,6 @@ def load_settings(out_dir: str | Path, file: str, what: str, config_class):
     return base, tokenizer_path, config_class(**{**config, "fit": FitConfig(**config["fit"])})
 
 
-def rewind_metrics(path: Path, step: int) -> None:
-    """On resume, drop the metrics a killed run logged after its last checkpoint (they are logged again)."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    path.write_text("".join(f"{s}\n" for s in lines if s and json.loads(s)["step"] <= step))
-
-
 @dataclass
 class FitConfig:
     out_dir: str
@@ -188,16 +185,13 @@ def fit(model: torch.nn.Module, train: Batch, val: Batch | None, loss_fn: LossFn
     metrics_path = out_dir / "metrics.jsonl"
     step = 0
     if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise LmforgeError(f"--resume: {out_dir} has no checkpoint to resume from; start without --resume")
-        state = load_checkpoint(ckpt, model, optimizers)
+        ckpt, state = resume_checkpoint(out_dir, model, optimizers)  # past a broken latest, with a warning
         step, sampler.position = state["step"], state["sampler_position"]
         rewind_metrics(metrics_path, step)
         print0(f"resuming from {ckpt} (step {step})")
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
+        atomic_write_text(metrics_path, "")
     atomic_write_text(out_dir / f"{stage}_config.json", json.dumps(asdict(cfg), indent=2))
     trainable = [p for p in model.parameters() if p.requires_grad]
 

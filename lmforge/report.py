@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from lmforge.base import read_metrics
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> None:
@@ -12,7 +13,7 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    records = [record for record, _ in read_metrics(metrics_path)[0]]  # a cut last line is skipped
     train = [(r["tokens"] / 1e6, r["loss"]) for r in records if "loss" in r]
     val = [r for r in records if "val_bpb" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)

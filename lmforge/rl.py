@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmforge.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model_folder
+from lmforge.checkpoint import load_model, resume_checkpoint, save_checkpoint, save_model_folder
 from lmforge.common import LmforgeError, atomic_write_text, autocast, get_device, print0, resolve_dtype, seed_everything
 from lmforge.conversations import chat_template, encode_chat, pad_token_id
 from lmforge.optim import build_optimizers, lr_multiplier, set_lr
@@ -271,14 +271,11 @@ def rl(folder: Path, tokenizer_path: Path, cfg: RLConfig, *, resume: bool = Fals
     metrics_path = out / "metrics.jsonl"
     step = 0
     if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise LmforgeError(f"--resume: {out} has no checkpoint; start without --resume")
-        step = load_checkpoint(ckpt, model, optimizers)["step"]
+        step = resume_checkpoint(out, model, optimizers)[1]["step"]  # past a broken latest, with a warning
         rewind_metrics(metrics_path, step)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
+        atomic_write_text(metrics_path, "")
         save_settings(out, SETTINGS_FILE, folder, tokenizer_path, cfg)
 
     def log(record: dict):

@@ -6,7 +6,9 @@
 One step = grad_accum micro-batches per rank, gradients averaged over ranks (DDP) and micro-
 batches, clipped, then the optimizers step at the scheduled learning rate. Everything a resumed
 run needs (weights, optimizer tensors, loader position, step, schedule length, RNG) is in the
-checkpoint, so `--resume` continues with exactly the losses an uninterrupted run would have seen.
+checkpoint, so `--resume` continues with exactly the losses an uninterrupted run would have seen;
+it resumes from the newest good checkpoint (past a broken `latest`, with a warning) and rewinds
+metrics.jsonl to its step (a cut last line, left by a kill mid-write, is dropped and counted).
 
 A wall-clock budget (`--minutes`) is turned into a fixed step count after timing the first
 steps; that count is saved, so the schedule (and a resume) does not depend on the clock again.
@@ -27,9 +29,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
-from lmforge.checkpoint import TOKENIZER_FILE, latest_checkpoint, load_checkpoint, save_checkpoint, save_model_folder
+from lmforge.base import rewind_metrics
+from lmforge.checkpoint import TOKENIZER_FILE, latest_checkpoint, resume_checkpoint, save_checkpoint, save_model_folder
 from lmforge.common import (
     LmforgeError,
+    atomic_write_bytes,
     atomic_write_text,
     autocast,
     init_distributed,
@@ -98,13 +102,6 @@ def enable_activation_checkpointing(model: Transformer) -> None:
         layer.forward = lambda *args, _f=forward: activation_checkpoint(_f, *args, use_reentrant=False)
 
 
-def _load_metrics(path: Path, up_to_step: int) -> list[str]:
-    """Metric lines up to a checkpoint's step: a resumed run rewrites what came after."""
-    if not path.exists():
-        return []
-    return [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
-
-
 def pretrain(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if (cfg.max_steps is None) == (cfg.time_budget_s is None):
         raise LmforgeError("give exactly one of --steps or --minutes")
@@ -126,21 +123,19 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
     step, total_steps, elapsed_before = 0, cfg.max_steps, 0.0
     metrics_path = out_dir / "metrics.jsonl"
-    metric_lines: list[str] = []
     if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise LmforgeError(f"--resume: {out_dir} has no checkpoint to resume from; start without --resume")
-        state = load_checkpoint(ckpt, model, optimizers)
+        ckpt, state = resume_checkpoint(out_dir, model, optimizers)  # past a broken latest, with a warning
         loader.load_state_dict(state["loader"])
         step, total_steps, elapsed_before = state["step"], state["total_steps"], state["elapsed_s"]
-        metric_lines = _load_metrics(metrics_path, step)
         print0(f"resuming from {ckpt} (step {step})")
     if ddp.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "train_config.json", json.dumps(asdict(cfg), indent=2))
-        (out_dir / TOKENIZER_FILE).write_bytes((Path(cfg.data_dir) / TOKENIZER_FILE).read_bytes())
-        metrics_path.write_text("".join(line + "\n" for line in metric_lines))
+        atomic_write_bytes(out_dir / TOKENIZER_FILE, (Path(cfg.data_dir) / TOKENIZER_FILE).read_bytes())
+        if resume:
+            rewind_metrics(metrics_path, step)  # what came after the checkpoint is logged again
+        else:
+            atomic_write_text(metrics_path, "")
 
     raw_model = model
     if cfg.grad_checkpointing:

@@ -1,6 +1,7 @@
 """The command line: the --tiny pipeline end to end, and one-line errors for bad input."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -125,3 +126,28 @@ def test_cuda_request_without_gpu(model_folder, capsys):
         pytest.skip("this machine has a GPU")
     one_line_error(capsys, ["generate", "--model", str(model_folder), "--prompt", "x", "--device", "cuda"],
                    "CUDA is not available")
+
+
+def test_stop_strings_take_the_escapes_a_shell_passes_through():
+    """`--stop "\\n\\n"` reaches the program as backslash, n, backslash, n: the README's two newlines."""
+    from lmforge.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "x", "--stop", r"\n\n",
+                                      "--stop", r"a\tb\\n\u00e9\x41", "--stop", r"\d+ é", "--stop", "\n",
+                                      "--stop", r"\UFFFFFFFF"])
+    # unknown escapes, code points past Unicode and real newlines stay as given
+    assert args.stop == ["\n\n", "a\tb\\néA", r"\d+ é", "\n", r"\UFFFFFFFF"]
+
+
+def test_a_missing_optional_dependency_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    (tmp_path / "doc.txt").write_text("a document\n")
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail as it does where Ray is not installed
+    err = one_line_error(capsys, ["data", "prepare", str(tmp_path / "doc.txt"), "--executor", "ray",
+                                  "--out", str(tmp_path / "out"), "--quiet"], "pip install 'lmforge[ray]'")
+    assert "--executor ray" in err and not (tmp_path / "out").exists()  # refused before any work
+
+    # any command whose module cannot be imported: one line naming the module, not a traceback
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    monkeypatch.delitem(sys.modules, "lmforge.export_gguf", raising=False)
+    one_line_error(capsys, ["export", "--model", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "x")],
+                   "the Python module 'gguf' is not installed")

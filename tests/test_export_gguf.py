@@ -440,6 +440,14 @@ def test_errors_name_the_input_and_the_fix(lmforge_export, tmp_path):
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))  # nothing half-written
     fields, _ = read_gguf(export_gguf(bare, tmp_path / "ok" / "x.gguf", tokenizer=folder / "tokenizer.json"))
     assert fields["tokenizer.ggml.tokens"] == read_gguf(lmforge_export[3])[0]["tokenizer.ggml.tokens"]
+    taken = tmp_path / "taken" / "x.gguf"  # a file already there is someone's: replaced only when asked
+    taken.parent.mkdir()
+    taken.write_bytes(b"not ours")
+    with pytest.raises(LmforgeError, match="is a file; pass --overwrite to replace it"):
+        export_gguf(folder, taken)
+    assert taken.read_bytes() == b"not ours"
+    assert read_gguf(export_gguf(folder, taken, overwrite=True))[0]["general.name"] == "tiny"
+    assert sorted(p.name for p in taken.parent.iterdir()) == ["x.gguf"]
 
 
 # ----------------------------------------------------------------------------- a real runtime

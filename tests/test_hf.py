@@ -289,3 +289,47 @@ def test_cli_imports_generates_and_exports(tmp_path, capsys):
     assert f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json's vocab_size is 100" in err
     assert "\n" not in err
     assert not (tmp_path / "y").exists()
+
+
+def test_import_and_export_never_replace_a_folder_they_did_not_make(tmp_path, capsys):
+    from lmforge.cli import main
+
+    folder, _ = hf_model_folder(tmp_path, "smollm")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    model_dir = tmp_path / "imported"
+    assert main(["import", str(folder), "--out", str(model_dir)]) == 0
+    capsys.readouterr()
+
+    def refused(argv, target):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and str(target) in err and "--overwrite" in err, err
+
+    refused(["import", str(folder), "--out", str(mine)], mine)
+    refused(["export", "--model", str(model_dir), "--out", str(mine)], mine)
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"someone else's file")
+    refused(["export", "--model", str(model_dir), "--format", "gguf", "--out", str(gguf_file)], gguf_file)
+    assert (mine / "notes.txt").read_text() == "keep me" and gguf_file.read_bytes() == b"someone else's file"
+
+    # asked to, each replaces the target whole: nothing of the old one is mixed into the new
+    assert main(["export", "--model", str(model_dir), "--out", str(mine), "--overwrite"]) == 0
+    assert not (mine / "notes.txt").exists() and AutoModelForCausalLM.from_pretrained(mine) is not None
+    assert main(["import", str(folder), "--out", str(mine), "--overwrite"]) == 0
+    assert not (mine / "README.md").exists() and load_model(mine) is not None
+    assert main(["export", "--model", str(model_dir), "--format", "gguf", "--out", str(gguf_file),
+                 "--overwrite"]) == 0
+    assert gguf_file.read_bytes()[:4] == b"GGUF"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["import", str(folder), "--out", str(empty)]) == 0  # an empty folder made for it is fine
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary siblings left"
+    capsys.readouterr()
+
+    # never over its own input, --overwrite or not
+    assert main(["import", str(folder), "--out", str(folder), "--overwrite"]) == 2
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    assert (folder / "config.json").exists() and (model_dir / "model.safetensors").exists()

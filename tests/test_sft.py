@@ -158,11 +158,14 @@ def test_sft_learns_the_answers_and_resumes_exactly(tmp_path, base_model):
 
     part = tmp_path / "part"
     sft(base_model, base_model / "tokenizer.json", _sft_config(data, part, max_steps=30, ckpt_every=15))
-    # as if killed after step 15: its later checkpoint, pointer and model are gone
+    # as if the disk lost the tail of the last checkpoint, the model and the end of the log: latest still
+    # names step 30, which is broken, so the run resumes from step 15
     import shutil
-    shutil.rmtree(part / "checkpoints" / "step_000030")
+    trainable = part / "checkpoints" / "step_000030" / "trainable.safetensors"
+    trainable.write_bytes(trainable.read_bytes()[:-8])
     shutil.rmtree(part / "model")
-    (part / "checkpoints" / "latest").write_text("step_000015")
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 31, "loss"')
     folder, tok, cfg = load_settings(part)
     assert folder == base_model and cfg.fit.max_steps == 30
     sft(folder, tok, cfg, resume=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.checkpoint import load_model, save_model_folder
+from lmforge.checkpoint import latest_checkpoint, load_model, save_checkpoint, save_model_folder
 from lmforge.common import LmforgeError
 from lmforge.evaluate import compressor_bpb, evaluate_bpb
 from lmforge.model import ModelConfig, Transformer
@@ -191,3 +191,141 @@ def test_bits_per_byte_on_a_hand_computed_case():
 def test_compressor_baselines_compress_repetitive_text():
     result = compressor_bpb(b"def f(x):\n    return x\n" * 200)
     assert 0 < result["xz -9"] < 1 and 0 < result["zlib -9"] < 1
+
+
+# ----------------------------------------------------------------------------- checkpoint files on disk
+
+def _save_steps(run_dir: Path, steps, keep_last: int = 2):
+    model = _tiny_model()
+    optimizers = [torch.optim.AdamW(model.parameters())]
+    for step in steps:
+        model(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])).backward()  # optimizer state to save
+        optimizers[0].step()
+        save_checkpoint(run_dir, step, model, optimizers, {"marker": step}, keep_last=keep_last)
+    return model, optimizers
+
+
+def test_rotation_keeps_the_newest_checkpoints_by_step_number(tmp_path):
+    _save_steps(tmp_path, [998_000, 999_000, 1_000_000])
+    # by name, step_1000000 sorts before step_999000: rotation by name deleted the newest
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_1000000", "step_999000"]
+    assert latest_checkpoint(tmp_path).name == "step_1000000"
+
+
+def test_a_resumed_run_keeps_the_checkpoint_it_saves(tmp_path):
+    """Resumed from step 20 with a step 30 left by the run it replaces: the new step 21 is never rotated out."""
+    _save_steps(tmp_path, [10, 20, 30], keep_last=3)
+    (tmp_path / "checkpoints" / "latest").write_text("step_000020")
+    _save_steps(tmp_path, [21], keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000020", "step_000021"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
+def test_checkpoint_files_and_folder_reach_the_disk_before_latest_names_it(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    _save_steps(tmp_path, [5])
+    root = tmp_path / "checkpoints"
+    final = root / "step_000005"
+    at = {e: i for i, e in enumerate(events)}
+    folder_moves = [e for e in events if e[0] == "replace" and e[2] == str(final)]
+    assert len(folder_moves) == 1
+    moved = at[folder_moves[0]]
+    tmp = folder_moves[0][1]
+    file_syncs = [at.get(("fsync", f"{tmp}/{p.name}"), -1) for p in final.iterdir()]
+    assert len(file_syncs) == 6 and min(file_syncs) >= 0, "every file of the folder is fsynced"
+    assert max(file_syncs) < at[("fsync", tmp)] < moved, "files, then the folder, then the rename"
+    latest_move = next(e for e in events if e[0] == "replace" and e[2] == str(root / "latest"))
+    assert moved < events.index(("fsync", str(root)), moved) < at[latest_move], "the rename is durable first"
+    assert ("fsync", latest_move[1]) in events[moved:at[latest_move]], "latest's new text is on disk first"
+    assert ("fsync", str(root)) in events[at[latest_move]:], "and so is the new latest"
+
+
+@pytest.mark.parametrize("damage", ["missing folder", "bad hash", "missing file", "truncated weights",
+                                    "no manifest"])
+def test_a_broken_latest_falls_back_to_the_newest_good_checkpoint(tmp_path, capsys, damage):
+    from lmforge.checkpoint import resume_checkpoint
+
+    _save_steps(tmp_path, [100, 200, 300], keep_last=3)
+    broken = tmp_path / "checkpoints" / "step_000300"
+    if damage == "missing folder":
+        (tmp_path / "checkpoints" / "latest").write_text("step_000400")
+        broken = broken.with_name("step_000400")
+    elif damage == "bad hash":
+        state = broken / "trainer_state.json"
+        state.write_text(state.read_text().replace('"marker": 300', '"marker": 301'))
+    elif damage == "missing file":
+        (broken / "rng.safetensors").unlink()
+    elif damage == "truncated weights":
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    else:
+        (broken / "manifest.json").unlink()
+    model, optimizers = _save_steps(tmp_path / "other", [1])
+    good = 300 if damage == "missing folder" else 200
+    folder, state = resume_checkpoint(tmp_path, model, optimizers)
+    assert folder.name == f"step_000{good}" and state["step"] == good and state["marker"] == good
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("warning: ") and "\n" not in warning
+    assert broken.name in warning and f"step_000{good}" in warning
+    # without loading, only what can be seen cheaply: a bad hash shows when the checkpoint loads
+    assert latest_checkpoint(tmp_path).name == ("step_000300" if damage == "bad hash" else f"step_000{good}")
+
+
+def test_no_good_checkpoint_is_one_line_naming_each(tmp_path):
+    from lmforge.checkpoint import resume_checkpoint
+
+    model, optimizers = _save_steps(tmp_path, [1, 2])
+    for step in (1, 2):
+        (tmp_path / "checkpoints" / f"step_{step:06d}" / "optimizer.safetensors").write_bytes(b"")
+    with pytest.raises(LmforgeError) as e:
+        resume_checkpoint(tmp_path, model, optimizers)
+    assert "\n" not in str(e.value) and "step_000001" in str(e.value) and "step_000002" in str(e.value)
+    with pytest.raises(LmforgeError, match="no checkpoint to resume from"):
+        resume_checkpoint(tmp_path / "never-trained", model, optimizers)
+
+
+def test_a_cut_metrics_line_is_dropped_and_the_rewrite_is_atomic(tmp_path):
+    from lmforge.posttrain import rewind_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    inode = path.stat().st_ino
+    rewind_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert path.stat().st_ino != inode, "rewritten through a new file and a rename, never in place"
+
+
+def test_pretrain_resumes_past_a_broken_latest_and_a_cut_metrics_line(small_data, tmp_path):
+    def config(out):
+        return TrainConfig(data_dir=str(small_data), out_dir=str(out), max_steps=4, ckpt_every=2, batch_size=4,
+                           **TINY)
+    pretrain(config(tmp_path / "whole"))
+    part = tmp_path / "part"
+    pretrain(config(part))
+    weights = part / "checkpoints" / "step_000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # the disk lost the tail of the newest checkpoint
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # and the log a cut last line
+    pretrain(config(part), resume=True)
+    assert losses(part) == losses(tmp_path / "whole")
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_gets(tmp_path):
+    """latest, tokenizer.json, configs: readable by whoever may read the folder, not only their writer."""
+    from lmforge.base import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    (tmp_path / "b.json").write_text("{}")
+    assert (tmp_path / "a.json").stat().st_mode == (tmp_path / "b.json").stat().st_mode

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -53,7 +54,7 @@ from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, Minhash
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers import JsonlWriter
 
-from lmforge.base import LmforgeError, sha256_file
+from lmforge.base import LmforgeError, missing_module, sha256_file
 from lmforge.corpus import HELDOUT_FRACTION, is_heldout
 
 try:
@@ -149,6 +150,8 @@ class PrepareConfig:
             raise LmforgeError(f"heldout_fraction {self.heldout_fraction}: must be between 0 and 1")
         if self.executor not in ("local", "ray"):
             raise LmforgeError(f"executor {self.executor!r}: choose 'local' or 'ray'")
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:  # before any work, not after stage 1
+            raise LmforgeError(missing_module("ray", "executor 'ray' (--executor ray)"))
         if self.workers < 0 or self.tasks < 0:
             raise LmforgeError("workers and tasks must be 0 (automatic) or positive")
         for path in self.decontaminate:  # read here, so a bad eval file stops the run before any work
@@ -454,7 +457,7 @@ def _ray_executor(pipeline, *, tasks: int, workers: int, logging_dir: Path):
     try:
         import ray
     except ImportError:
-        raise LmforgeError("executor = 'ray' needs Ray: pip install 'ray>=2.9'") from None
+        raise LmforgeError(missing_module("ray", "executor 'ray' (--executor ray)")) from None
     from datatrove.executor import RayPipelineExecutor
 
     if not ray.is_initialized():
