@@ -175,7 +175,7 @@ class AsyncEngine:
         return self.llm.context
 
     def stats(self) -> dict:
-        return dict(engine_stats(self.llm), pending=self.num_pending)
+        return dict(engine_stats(self.llm), pending=self.num_pending, restarts=0)  # a thread is not restarted
 
     async def shutdown(self, drain_seconds: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish (up to drain_seconds), then stop the loop."""

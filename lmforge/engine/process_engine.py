@@ -112,7 +112,7 @@ class ProcessEngine:
         return self.error is None and self._process.is_alive()
 
     def stats(self) -> dict:
-        return dict(self._stats, pending=self.num_pending)
+        return dict(self._stats, pending=self.num_pending, restarts=self.num_restarts)
 
     # ------------------------------------------------------------------------- the front's side
 
