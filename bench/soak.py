@@ -40,6 +40,7 @@ from serve import free_port, make_model_folder  # noqa: E402 - bench/serve.py: t
 
 ADMIN = "soak-admin-" + "k" * 32
 CUT = object()  # the client closes on purpose: no answer is expected
+BROKEN: list[bytes] = []  # the ends of streams that carried an error or no [DONE], to show
 
 
 def _request(port: int, method: str, path: str, body: bytes | None, key: str | None, timeout: float,
@@ -68,7 +69,8 @@ def _request(port: int, method: str, path: str, body: bytes | None, key: str | N
             return CUT
         data = response.read()
         if response.status == 200 and b"text/event-stream" in (response.getheader("content-type") or "").encode():
-            if b"data: [DONE]" not in data or b'"error"' in data:
+            if b"data: [DONE]" not in data or b'data: {"error"' in data:
+                BROKEN.append(data[-400:])
                 return "stream_broken"
         return response.status
     finally:
@@ -221,6 +223,8 @@ def main() -> None:
     for name in kinds:
         print(f"  {name:14s} {results[name]:6d}")
     print(f"  problems: {dict(problems) or 'none'} (lost, hung, 5xx and unexpected statuses)")
+    for tail in BROKEN[:3]:
+        print(f"    a broken stream ended: {tail!r}")
     blocks = (before.get("lmforge_engine_free_blocks"), after.get("lmforge_engine_free_blocks"),
               after.get("lmforge_engine_total_blocks"))
     restarts = after.get("lmforge_engine_restarts", 0)

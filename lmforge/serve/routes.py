@@ -49,8 +49,15 @@ def create_app(served: Served) -> FastAPI:
                        count_error=metrics.count_error)
 
     async def caller(request: Request) -> Caller:
-        """Who the gate authenticated (public routes: nobody in particular)."""
-        return request.scope.get("state", {}).get("caller") or Caller(None)
+        """Who the gate authenticated. Fails closed: a route reached without the gate's verdict on a
+        server with keys answers 401, never as an open server would."""
+        who = request.scope.get("state", {}).get("caller")
+        if who is None:
+            if served.keys is not None:
+                raise APIError(401, "no API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                               code="missing_api_key")
+            who = Caller(None)
+        return who
 
     async def admin(who: Caller = Depends(caller)) -> Caller:
         if served.keys is None:
