@@ -159,14 +159,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser, context: int) -> None:
+    """--model, or the shape of the random model make_model_folder builds."""
     p.add_argument("--model", help="an lmforge model folder (default: random weights of the shape below)")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--aspect-ratio", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--context", type=int, default=context)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, context=2048)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--levels", default="1,8,32")

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import free_port, make_model_folder  # noqa: E402 - bench/serve.py: the same random model
+from serve import add_model_args, free_port, make_model_folder  # noqa: E402 - bench/serve.py: the same random model
 
 ADMIN = "soak-admin-" + "k" * 32
 CUT = object()  # the client closes on purpose: no answer is expected
@@ -140,12 +140,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="an lmforge model folder (default: random weights of the shape below)")
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--aspect-ratio", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--context", type=int, default=512)
+    add_model_args(p, context=512)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--timeout", type=float, default=60, help="a request unanswered this long counts as hung")
