@@ -330,16 +330,16 @@ def _add_export_args(sub) -> None:
 
 
 def _add_import_args(sub) -> None:
-    p = sub.add_parser("import", help="bring a downloaded Hugging Face model into lmforge's format",
+    p = sub.add_parser("import", help="bring a downloaded Hugging Face model or GGUF file into lmforge's format",
                        description="Convert a local Hugging Face model folder (config.json, *.safetensors, one "
-                                   "file or shards, tokenizer.json) into an lmforge model folder that --model "
-                                   "takes everywhere. Families: Llama (2/3, SmolLM, TinyLlama), Mistral, Qwen2, "
-                                   "Qwen3, GPT-2.")
-    p.add_argument("source", help="the Hugging Face model folder")
+                                   "file or shards, tokenizer.json) or a .gguf file (llama.cpp, Ollama; weights "
+                                   "dequantised) into an lmforge model folder that --model takes everywhere. "
+                                   "Families: Llama (2/3, SmolLM, TinyLlama), Mistral, Qwen2, Qwen3, GPT-2.")
+    p.add_argument("source", help="the Hugging Face model folder, or a FILE.gguf")
     p.add_argument("--out", required=True, help="the lmforge model folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it is a non-empty folder")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="convert the weights (default auto: keep the checkpoint's precision)")
+                   help="convert the weights (default auto: keep the checkpoint's precision; fp32 for GGUF)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read PyTorch .bin/.pt weights when no safetensors exist (torch.load with "
                         "weights_only=True). Pickles can carry code: use only for sources you trust")
@@ -737,10 +737,16 @@ def cmd_export(args) -> None:
 
 def cmd_import(args) -> None:
     from lmforge.common import DTYPES
-    from lmforge.hf import import_hf
 
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    out = import_hf(args.source, args.out, dtype=dtype, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+    if Path(args.source).suffix.lower() == ".gguf":  # auto: fp32, the dequantised weights exactly
+        from lmforge.import_gguf import import_gguf
+
+        out = import_gguf(args.source, args.out, dtype=dtype, overwrite=args.overwrite)
+    else:
+        from lmforge.hf import import_hf
+
+        out = import_hf(args.source, args.out, dtype=dtype, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     print(f"wrote {out}; use it with --model {out} (generate, eval, export)")
 
 
