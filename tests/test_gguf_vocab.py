@@ -441,6 +441,29 @@ def test_imported_families_round_trip_through_gguf(family, tmp_path):
     same()
 
 
+@runtime
+@pytest.mark.parametrize("pre", ["llama-bpe", "dbrx", "gpt-2", "smollm", "qwen2", "spm"])
+def test_rebuilt_tokenizer_exports_back_to_the_same_gguf_tokenizer(pre, trained, tmp_path):
+    """GGUF -> tokenizer.json -> export_gguf -> GGUF: llama.cpp tokenizes both files alike (an imported model
+    exports again), and the pre-tokenizer name comes back."""
+    if pre == "spm":
+        tokens, types, scores = sentencepiece_vocab()
+        path = write_gguf(tmp_path / "a.gguf", "llama", tokens, types, scores=scores, bos=1, eos=2, unk=0)
+    else:
+        tokens, types, merges = byte_level_vocab(trained)
+        path = write_gguf(tmp_path / "a.gguf", "gpt2", tokens, types, pre=pre, merges=merges, bos=len(tokens) - 6,
+                          eos=len(tokens) - 5, add_bos=False)
+    rebuild(path, tmp_path / "hf", auto=False)
+    again = export_vocab(tmp_path / "hf" / "tokenizer.json", tmp_path / "b.gguf", len(tokens))
+    fields = gguf.GGUFReader(again).fields
+    assert fields["tokenizer.ggml.pre"].contents() == ("default" if pre == "spm" else pre)
+    first, second = LlamaCppVocab(path), LlamaCppVocab(again)
+    for text in [MIXED, "x" + "".join(SPECIALS) + " <think>y<|channel|>z<|eot_id|> <s>a</s>", " lead"]:
+        for special in (False, True):
+            assert first.tokenize(text, parse_special=special) == second.tokenize(text, parse_special=special)
+        assert first.tokenize(text, add_special=True) == second.tokenize(text, add_special=True)
+
+
 # ----------------------------------------------------------------------------- SmolLM2, the real file
 
 @runtime
@@ -460,6 +483,10 @@ def test_smollm2_tokenizer_matches_llama_cpp_on_mixed_documents(tmp_path):
     assert pair.tok.eos_id == 2 and pair.tok.bos_id == 1 and "<|im_start|>" in pair.tok.chat_template
     chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     assert pair.tok.encode_with_special(chat)[:1] == [1] and pair.tok.encode(chat)[:1] != [1]
+    # The imported model exports again: the re-written vocabulary tokenizes as the original file.
+    again = LlamaCppVocab(export_vocab(tmp_path / "out" / "tokenizer.json", tmp_path / "again.gguf", 49152))
+    assert all(again.tokenize(d, parse_special=s) == pair.ref.tokenize(d, parse_special=s)
+               for d in docs[:40] for s in (False, True))
 
 
 # ----------------------------------------------------------------------------- refusals
