@@ -33,6 +33,8 @@ Tokenizer, from tokenizer.json (+ tokenizer_config.json for bos/eos, add_bos and
       nothing (tokenizer.py). That pre type also sets ignore_merges (a pre-token that is a token is
       taken whole), which is exactly lmforge's encoding rule.
     Qwen2's (one digit at a time) -> "qwen2"; GPT-2's own ByteLevel regex -> "gpt-2".
+  A tokenizer.json that gguf_vocab.py rebuilt from a GGUF file (llama.cpp's regexes, Unicode-pinned) gets its
+  name back (`gguf_vocab.pre_tokenizer_name`), so an imported GGUF model exports again.
   Any other regex is refused: a wrong name would tokenize differently without a word of warning.
   lmforge's own tokenizer: bos/eos/pad are <|bos|>/<|eos|>/<|pad|>, add_bos is on (every training
   document starts with <|bos|>), and <|assistant_end|> is the eot token, where llama.cpp ends a turn.
@@ -71,6 +73,7 @@ from lmforge.checkpoint import (
     verify_manifest,
 )
 from lmforge.common import LmforgeError
+from lmforge.gguf_vocab import pre_tokenizer_name as rebuilt_pre_tokenizer_name
 from lmforge.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, SPLIT_PATTERN
 from lmforge.weights import read_header
 
@@ -323,6 +326,9 @@ def _steps(component: dict | None) -> list[dict]:
 
 
 def _pre_tokenizer_name(spec: dict, source: Path) -> str:
+    rebuilt = rebuilt_pre_tokenizer_name(spec)  # a tokenizer.json lmforge rebuilt from a GGUF file
+    if rebuilt is not None:
+        return rebuilt
     steps = _steps(spec.get("pre_tokenizer"))
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
