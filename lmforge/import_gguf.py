@@ -394,7 +394,10 @@ def import_gguf(source: str | Path, out: str | Path, *, dtype: torch.dtype | Non
                            "the embedding table has no row for the rest, the file is corrupt")
     from lmforge.gguf_vocab import gguf_tokenizer_files  # tokenizer metadata -> tokenizer.json (+ config)
 
-    tokenizer_files = gguf_tokenizer_files(reader)  # before any weight is written: a bad vocabulary costs nothing
+    try:  # before any weight is written: a bad vocabulary costs nothing
+        tokenizer_files = gguf_tokenizer_files(reader)
+    except LmforgeError as e:  # its messages name the key; this names the file too
+        raise LmforgeError(f"{source}: {e}") from None
     types = Counter(t.tensor_type.name for t in reader.tensors)
     card = model_card(meta, source, config, dtype, types)  # reads (and checks) the general.* strings
     facts = {"imported_from": str(source.resolve()), "source_format": "gguf",

@@ -237,7 +237,7 @@ def bad_files(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
             "metadata key llama.block_count is a FLOAT32, not an integer"),
         "a name that is not UTF-8": (  # type u32 | length u64 | the name's first byte
             patched(good, tmp / "name_utf8.gguf", gguf_string("general.name"), 12, "B", 0xFF),
-            "metadata key general.name is not UTF-8 text"),
+            "general.name: a string that is not UTF-8"),  # found first by the vocabulary's reader
     }
     requantize(good, tmp / "arch.gguf", lambda name, values: Q.F32, arch="mamba")
     files["unknown architecture"] = (tmp / "arch.gguf", "architecture 'mamba'; lmforge imports GGUF architectures")
