@@ -326,6 +326,12 @@ def _add_export_args(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (hf) or .gguf file (gguf)")
     p.add_argument("--dtype", choices=("auto", "f32", "f16", "bf16"), default="auto",
                    help="gguf: precision of the weight matrices (default auto: as stored)")
+    p.add_argument("--quant", choices=("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"),
+                   help="gguf: a quantised file instead, its types chosen per tensor as llama-quantize does "
+                        "(q4_k, q5_k: its Q4_K_M, Q5_K_M mixes)")
+    p.add_argument("--calibration", default="stdlib",
+                   help="gguf --quant: text whose activations weight the rounding: 'stdlib' (default: a slice of "
+                        "the built-in corpus outside its held-out part), a UTF-8 text file, or 'none'")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it is a non-empty folder or a file")
 
 
@@ -731,7 +737,9 @@ def cmd_export(args) -> None:
     else:
         from lmforge.export_gguf import export_gguf
 
-        out = export_gguf(folder, args.out, dtype=args.dtype, tokenizer=tok_path, overwrite=args.overwrite)
+        out = export_gguf(folder, args.out, dtype=args.dtype, quant=args.quant, tokenizer=tok_path,
+                          calibration=None if args.calibration == "none" else args.calibration,
+                          overwrite=args.overwrite)
         print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
 
 

@@ -43,7 +43,19 @@ Tokenizer, from tokenizer.json (+ tokenizer_config.json for bos/eos, add_bos and
   merger pick merges in the file's order (score = -merge rank). The converter, given only
   tokenizer.json, writes -1000 for every token, which leaves llama.cpp no order to merge by.
 
-Memory: tensors are read one at a time (safetensors `safe_open`), converted and written.
+Quantised export (`quant`, gguf_quants.py has the rounding): types per tensor as llama-quantize
+picks them for the same type (gguf_quants.tensor_qtype): 1-D tensors stay F32; the output head,
+or the token embedding when it doubles as the head, Q6_K (Q8_0 under q8_0); q4_k and q5_k are
+its Q4_K_M and Q5_K_M mixes (attn_v and ffn_down Q6_K in an eighth of the layers at each end and
+every third between); other matrices the named type. Rows that are not whole blocks (256 values
+for K-quants, 32 for the rest) fall back as llama-quantize does (Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, else F16), and a printed note says so: SmolLM2's 576-wide rows take Q5_0 under q4_k.
+Calibration (default: a slice of the default corpus beside its held-out part) runs the model over
+4,096 tokens with forward hooks to get each matrix's importance vector; a tied head's rounding is
+weighted by the head's inputs.
+
+Memory: tensors are read one at a time (safetensors `safe_open`), converted and written; with
+calibration the model is loaded once, in fp32, for its forward passes.
 """
 
 from __future__ import annotations
@@ -54,6 +66,8 @@ import json
 import os
 import re
 import secrets
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +86,17 @@ from lmforge.checkpoint import (
     check_tensor_names,
     verify_manifest,
 )
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, print0
+from lmforge.corpus import DEFAULT_CORPUS
+from lmforge.gguf_quants import (
+    QUANTS,
+    calibration_text,
+    calibration_windows,
+    collect_importance,
+    default_weights,
+    quantize,
+    tensor_qtype,
+)
 from lmforge.gguf_vocab import pre_tokenizer_name as rebuilt_pre_tokenizer_name
 from lmforge.tokenizer import GPT4_SPLIT_PATTERN, SPECIAL_TOKENS, SPLIT_PATTERN
 from lmforge.weights import read_header
@@ -86,6 +110,7 @@ OUT_DTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.Ll
 # GGML type -> (torch dtype the data is converted to, numpy dtype handed to the writer; numpy has no bf16)
 _NUMPY = {Q.F32: (torch.float32, np.float32), Q.F16: (torch.float16, np.float16), Q.BF16: (torch.bfloat16, np.int16)}
 _SOURCE_DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # safetensors dtype -> "auto" choice
+CALIBRATION_SEQ_LEN = 512  # tokens per calibration window (llama.cpp's imatrix default context)
 
 # Split regexes of byte-level tokenizers -> llama.cpp pre-tokenizer name (src/llama-vocab.cpp).
 LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -233,10 +258,14 @@ class PlannedTensor:
     shape: tuple[int, ...]  # numpy (row-major) order; GGUF stores it reversed
     qtype: gguf.GGMLQuantizationType
     load: Callable  # load(safe_open handle) -> torch.Tensor of `shape`
+    source: str = ""  # the model parameter whose input activations weight its rounding (calibration)
+    wanted: gguf.GGMLQuantizationType | None = None  # the type before a row-length fallback
 
 
-def plan_tensors(hp: Hparams, header: dict[str, dict], path: Path, matrix_qtype) -> list[PlannedTensor]:
-    """What to write, checked against the weights file: every tensor present with its shape."""
+def plan_tensors(hp: Hparams, header: dict[str, dict], path: Path, matrix_qtype,
+                 quant: str | None = None) -> list[PlannedTensor]:
+    """What to write, checked against the weights file: every tensor present with its shape. quant
+    (a gguf_quants.QUANTS name) picks each matrix's type as llama-quantize does; else matrix_qtype."""
     found = {k: v["shape"] for k, v in header.items()}
     if hp.tie_word_embeddings:
         found.pop("lm_head.weight", None)  # a stored copy of a tied head is the embedding again
@@ -246,6 +275,14 @@ def plan_tensors(hp: Hparams, header: dict[str, dict], path: Path, matrix_qtype)
     check_tensor_names(path, found, shapes)
 
     names = gguf.get_tensor_name_map(hp.arch, hp.num_layers)
+    has_output = not hp.tie_word_embeddings or hp.model_type == "gpt2"  # else token_embd is also the head
+
+    def matrix_type(dst: str, shape) -> tuple:
+        if quant is None:
+            return matrix_qtype, matrix_qtype
+        is_head = dst == "output.weight" or (dst == "token_embd.weight" and not has_output)
+        return tensor_qtype(quant, dst, shape[-1], hp.num_layers, is_head)
+
     plan = []
     if (hp.rope_scaling or {}).get("rope_type") == "llama3":
         factors = llama3_rope_factors(hp)
@@ -269,13 +306,17 @@ def plan_tensors(hp: Hparams, header: dict[str, dict], path: Path, matrix_qtype)
             t = f.get_tensor(src)
             return transform(t) if transform else t
 
-        plan.append(PlannedTensor(dst, tuple(shape), Q.F32 if keep_f32 else matrix_qtype, load))
+        qtype, wanted = (Q.F32, Q.F32) if keep_f32 else matrix_type(dst, shape)
+        # A tied head's rounding is weighted by the head's inputs: llama.cpp multiplies by it.
+        source = "lm_head.weight" if dst == "token_embd.weight" and not has_output else src
+        plan.append(PlannedTensor(dst, tuple(shape), qtype, load, source, wanted))
     if hp.model_type == "gpt2" and hp.tie_word_embeddings:
         # Current llama.cpp falls back to token_embd for a missing GPT-2 head; older builds and forks
         # (ik_llama.cpp) refuse the file. The converter of their time wrote the copy, and so do we.
-        plan.append(PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight",
-                                  shapes["transformer.wte.weight"], matrix_qtype,
-                                  lambda f: f.get_tensor("transformer.wte.weight")))
+        name, shape = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight", shapes["transformer.wte.weight"]
+        qtype, wanted = matrix_type(name, shape)
+        plan.append(PlannedTensor(name, shape, qtype, lambda f: f.get_tensor("transformer.wte.weight"),
+                                  "lm_head.weight", wanted))
     return plan
 
 
@@ -508,20 +549,51 @@ def _add_vocab(w: gguf.GGUFWriter, v: Vocab) -> None:
         w.add_chat_template(v.chat_template)
 
 
+def _importance(folder: Path, tokenizer_path: Path, hp: Hparams, calibration: str) -> dict[str, torch.Tensor]:
+    """Importance vectors of the model's matrices over the calibration text (gguf_quants.collect_importance)."""
+    from lmforge.checkpoint import load_model
+    from lmforge.tokenizer import load_tokenizer
+
+    seconds = time.monotonic()
+    windows = calibration_windows(load_tokenizer(tokenizer_path), calibration_text(calibration),
+                                  min(CALIBRATION_SEQ_LEN, hp.context_length))
+    importance = collect_importance(load_model(folder, dtype=torch.float32), windows)
+    print0(f"calibration: {sum(map(len, windows))} tokens of {calibration} in {time.monotonic() - seconds:.0f} s")
+    return importance
+
+
+def _note_fallbacks(plan: list[PlannedTensor]) -> None:
+    """One printed line per kind of row-length fallback (the docstring of gguf_quants.tensor_qtype)."""
+    fallbacks = Counter((t.wanted, t.qtype, t.shape[-1]) for t in plan if t.wanted is not None and t.wanted != t.qtype)
+    for (wanted, got, cols), n in fallbacks.items():
+        print0(f"note: {n} {'matrix' if n == 1 else 'matrices'} with rows of {cols} values (not a multiple of "
+               f"{wanted.name}'s {gguf.GGML_QUANT_SIZES[wanted][0]}-value blocks) written as {got.name}, "
+               "as llama-quantize does")
+
+
 def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, *, dtype: str = "auto",
+                quant: str | None = None, calibration: str | None = DEFAULT_CORPUS,
                 tokenizer: str | os.PathLike | None = None, name: str | None = None,
                 overwrite: bool = False) -> Path:
     """Write the model folder `folder` (config.json, model.safetensors, tokenizer.json) as one GGUF file.
 
-    dtype: precision of the matrices, "auto" (the source's), "f32", "f16" or "bf16".
-    tokenizer: the tokenizer.json, when it is not in `folder` (a training checkpoint's lives in the
-    run folder). name: general.name, the folder's name by default. An existing file at out_path is
-    refused unless `overwrite`. The file is written under a temporary name, fsynced and renamed into place.
+    dtype: precision of the matrices, "auto" (the source's), "f32", "f16" or "bf16". quant: instead,
+    a quantised file (gguf_quants.QUANTS: "q8_0", "q4_0", ..., "q4_k"), its rounding weighted by the
+    activations over `calibration`: "stdlib" (a slice of the default corpus), a text file, or None
+    (no calibration: weights by magnitude). tokenizer: the tokenizer.json, when it is not in `folder`
+    (a training checkpoint's lives in the run folder). name: general.name, the folder's name by
+    default. An existing file at out_path is refused unless `overwrite`. The file is written under a
+    temporary name, fsynced and renamed into place.
     """
     folder, out_path = Path(folder), Path(out_path)
-    check_output(out_path, overwrite=overwrite, inputs=(folder, tokenizer), kind="file")
+    calibration_file = calibration if quant is not None and calibration not in (None, DEFAULT_CORPUS) else None
+    check_output(out_path, overwrite=overwrite, inputs=(folder, tokenizer, calibration_file), kind="file")
     if dtype != "auto" and dtype not in OUT_DTYPES:
         raise LmforgeError(f"dtype={dtype!r}: choose auto, {', '.join(OUT_DTYPES)}")
+    if quant is not None and quant not in QUANTS:
+        raise LmforgeError(f"quant={quant!r}: choose {', '.join(QUANTS)}")
+    if quant is not None and dtype != "auto":
+        raise LmforgeError(f"dtype={dtype!r} and quant={quant!r}: give one (a quantised file keeps 1-D tensors in f32)")
     raw = _read_json(folder / CONFIG_FILE)
     if raw is None:
         raise LmforgeError(f"{folder}: no {CONFIG_FILE}; export takes a model folder (lmforge saves one per run "
@@ -534,20 +606,34 @@ def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, *, dtype
     header, _, _ = read_header(weights)
     if "tie_word_embeddings" not in raw:  # Hugging Face leaves out a field at its default: the file tells
         hp = dataclasses.replace(hp, tie_word_embeddings="lm_head.weight" not in header)
-    if dtype == "auto":
-        embedding = "transformer.wte.weight" if hp.model_type == "gpt2" else "model.embed_tokens.weight"
-        dtype = _SOURCE_DTYPES.get((header.get(embedding) or {}).get("dtype"), "f32")
-    matrix_qtype, file_type = OUT_DTYPES[dtype]
-    plan = plan_tensors(hp, header, weights, matrix_qtype)
-    vocab = read_vocab(Path(tokenizer) if tokenizer is not None else folder / TOKENIZER_FILE, hp.vocab_size, raw)
+    if quant is not None:
+        matrix_qtype, file_type = None, QUANTS[quant][1]
+    else:
+        if dtype == "auto":
+            embedding = "transformer.wte.weight" if hp.model_type == "gpt2" else "model.embed_tokens.weight"
+            dtype = _SOURCE_DTYPES.get((header.get(embedding) or {}).get("dtype"), "f32")
+        matrix_qtype, file_type = OUT_DTYPES[dtype]
+    plan = plan_tensors(hp, header, weights, matrix_qtype, quant)
+    tokenizer_path = Path(tokenizer) if tokenizer is not None else folder / TOKENIZER_FILE
+    vocab = read_vocab(tokenizer_path, hp.vocab_size, raw)
+    importance = {}
+    if quant is not None:
+        _note_fallbacks(plan)
+        if calibration is not None:
+            importance = _importance(folder, tokenizer_path, hp, calibration)
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[hp.arch])
     _add_metadata(writer, hp, name or folder.resolve().name, file_type)
     _add_vocab(writer, vocab)
     for t in plan:
-        numpy_dtype = np.dtype(_NUMPY[t.qtype][1])
-        writer.add_tensor_info(t.name, t.shape, numpy_dtype, int(np.prod(t.shape)) * numpy_dtype.itemsize,
-                               raw_dtype=t.qtype)
+        if t.qtype in _NUMPY:
+            numpy_dtype = np.dtype(_NUMPY[t.qtype][1])
+            writer.add_tensor_info(t.name, t.shape, numpy_dtype, int(np.prod(t.shape)) * numpy_dtype.itemsize,
+                                   raw_dtype=t.qtype)
+        else:  # the element shape, with the byte count of the quantised blocks
+            block, type_size = gguf.GGML_QUANT_SIZES[t.qtype]
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32),
+                                   int(np.prod(t.shape)) // block * type_size, raw_dtype=t.qtype)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{secrets.token_hex(4)}.tmp")  # never a name already there
     try:
@@ -558,7 +644,12 @@ def export_gguf(folder: str | os.PathLike, out_path: str | os.PathLike, *, dtype
             for t in plan:  # one tensor in memory at a time
                 data = t.load(f)
                 assert tuple(data.shape) == t.shape, (t.name, tuple(data.shape), t.shape)
-                writer.write_tensor_data(_to_numpy(data, t.qtype))
+                if t.qtype in _NUMPY:
+                    writer.write_tensor_data(_to_numpy(data, t.qtype))
+                    continue
+                x = data.float().reshape(-1, t.shape[-1])
+                w = importance.get(t.source)
+                writer.write_tensor_data(quantize(x, t.qtype, w if w is not None else default_weights(x))[0])
         writer.close()
         fsync_file(tmp)
         os.replace(tmp, out_path)
