@@ -403,6 +403,7 @@ def _split(regex: str) -> dict:
     return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
 
 
+_NEVER_IN_UTF8 = frozenset((0xC0, 0xC1, *range(0xF5, 0x100)))  # bytes no UTF-8 text contains
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 # The name export_gguf.py writes back for a rebuilt pre-tokenizer: names sharing regexes and ignore_merges
 # tokenize alike (their other difference, a default add_bos, is written out in tokenizer_config.json).
@@ -429,7 +430,8 @@ def _byte_level_parts(v: GgufVocab) -> tuple[dict, dict]:
     spec = PRE_TOKENIZERS[v.pre]
     vocab = set(v.tokens)
     # Byte symbols without a token: isolated after the byte-level mapping, so no merge crosses them (see above).
-    lone = [s for s in BYTE_TO_UNICODE.values() if s not in vocab]
+    # The step costs about a fifth of the encoding speed, so it is left out for bytes UTF-8 never holds.
+    lone = [s for b, s in BYTE_TO_UNICODE.items() if s not in vocab and b not in _NEVER_IN_UTF8]
     steps = [_split(onig_regex(r)) for r in spec.regexes]
     steps.append(dict(_BYTE_LEVEL))
     if lone:

@@ -250,6 +250,13 @@ def test_bytes_without_a_token_block_merges_as_in_llama_cpp(tmp_path):
     assert pair.differences(text) == []
     ids = pair.ref.tokenize(text)
     assert ids[:4] == pair.ref.tokenize("\U00042019") * 2  # F1 is dropped, and 0x99 + 0x82 did not merge
+    # Bytes that no UTF-8 text holds (C0, C1, F5-FF) need no isolating step, which would slow every encode.
+    tokens, types, merges = pairs_vocab(lone={0xC0, 0xFF}, paired=set(b"ab \xc3\xa9"))
+    path = write_gguf(tmp_path / "never.gguf", "gpt2", tokens, types, pre="smollm", merges=merges, add_bos=False)
+    pair = Pair(path, tmp_path / "never", auto=False)
+    assert [s["type"] for s in json.loads((tmp_path / "never" / "tokenizer.json").read_text())["pre_tokenizer"][
+        "pretokenizers"]] == ["Split", "Split", "ByteLevel"]
+    assert pair.differences("ab é\u00ff \U0010fffd") == []
 
 
 @runtime
