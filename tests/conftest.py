@@ -1,15 +1,23 @@
 """Shared fixtures: a small corpus made on the spot, its tokenizer and token shards."""
 
+import os
 import random
 import sysconfig
 import uuid
 from pathlib import Path
 
+import hypothesis
 import pytest
 import sqlalchemy as sa
 
 from lmforge.corpus import Corpus
 from lmforge.prepare import prepare_data
+
+# CI (CI=true): Hypothesis draws the same examples every run and keeps no example database, so a
+# submission's result does not depend on the draw; locally it explores anew each run.
+if os.environ.get("CI"):
+    hypothesis.settings.register_profile("ci", derandomize=True, database=None)
+    hypothesis.settings.load_profile("ci")
 
 
 def write_small_corpus(folder: Path, num_files: int = 120) -> Path:
