@@ -15,6 +15,7 @@ from gguf.quants import dequantize
 from test_export_gguf import randomize, read_gguf, run_llama_cpp, runtime
 
 from lmforge.checkpoint import save_model_folder
+from lmforge.cli import main
 from lmforge.common import LmforgeError
 from lmforge.export_gguf import export_gguf
 from lmforge.gguf_quants import QUANTS, collect_importance, quantize, tensor_qtype
@@ -191,7 +192,10 @@ def test_fallback_is_noted_and_calibration_file_errors_are_one_line(tmp_path, ca
     config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)
     folder = save_model_folder(tmp_path / "m", randomize(Transformer(config), seed=4), tok)
-    _, tensors = read_gguf(export_gguf(folder, tmp_path / "k.gguf", quant="q4_k", calibration=None))
+    argv = ["export", "--model", str(folder), "--format", "gguf", "--quant", "q4_k", "--calibration", "none",
+            "--out", str(tmp_path / "k.gguf")]
+    assert main(argv) == 0
+    _, tensors = read_gguf(tmp_path / "k.gguf")
     assert tensors["blk.0.attn_q.weight"].tensor_type == T.Q5_0 and tensors["token_embd.weight"].tensor_type == T.Q8_0
     out = capsys.readouterr().out
     assert "not a multiple of Q4_K's 256-value blocks) written as Q5_0" in out
@@ -203,8 +207,9 @@ def test_fallback_is_noted_and_calibration_file_errors_are_one_line(tmp_path, ca
     assert "calibration: " in capsys.readouterr().out
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"ok " * 100 + b"\xff\xfe" + b"x" * 100)
-    for source, message in ((str(tmp_path / "missing.txt"), "no such file"), (str(binary), "byte 300 is not UTF-8"),
-                            (str(tmp_path / "c.gguf.short"), "no such file")):
+    for source, message in ((str(tmp_path / "missing.txt"), "not a file"), (str(binary), "byte 300 is not UTF-8"),
+                            (str(tmp_path / "c.gguf"), r"c.gguf: byte \d+ is not UTF-8; give a text file$"),
+                            (str(folder), "not a file")):
         with pytest.raises(LmforgeError, match=message):
             export_gguf(folder, tmp_path / "x.gguf", quant="q4_0", calibration=source)
     (tmp_path / "short.txt").write_text("tiny")
