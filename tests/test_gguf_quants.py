@@ -15,6 +15,7 @@ from gguf.quants import dequantize
 from test_export_gguf import randomize, read_gguf, run_llama_cpp, runtime
 
 from lmforge.checkpoint import save_model_folder
+from lmforge.cli import main
 from lmforge.common import LmforgeError
 from lmforge.export_gguf import export_gguf
 from lmforge.gguf_quants import QUANTS, collect_importance, quantize, tensor_qtype
@@ -143,8 +144,9 @@ def k_model(tmp_path_factory, texts):
     config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=512, max_position_embeddings=128,
                          tie_word_embeddings=False)
+    torch.manual_seed(3)  # the matrices' initialisation; randomize seeds only the 1-D tensors it redraws
     model = randomize(Transformer(config), seed=3)
-    with torch.no_grad():  # sharper predictions than an initialised model's (entropy 4.6 nats, not 5.8)
+    with torch.no_grad():  # sharper predictions than an initialised model's
         model.lm_head.weight.mul_(3)
     folder = save_model_folder(tmp_path_factory.mktemp("kq") / "kq", model, tok)
     return folder, model, tok
@@ -191,7 +193,10 @@ def test_fallback_is_noted_and_calibration_file_errors_are_one_line(tmp_path, ca
     config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)
     folder = save_model_folder(tmp_path / "m", randomize(Transformer(config), seed=4), tok)
-    _, tensors = read_gguf(export_gguf(folder, tmp_path / "k.gguf", quant="q4_k", calibration=None))
+    argv = ["export", "--model", str(folder), "--format", "gguf", "--quant", "q4_k", "--calibration", "none",
+            "--out", str(tmp_path / "k.gguf")]
+    assert main(argv) == 0
+    _, tensors = read_gguf(tmp_path / "k.gguf")
     assert tensors["blk.0.attn_q.weight"].tensor_type == T.Q5_0 and tensors["token_embd.weight"].tensor_type == T.Q8_0
     out = capsys.readouterr().out
     assert "not a multiple of Q4_K's 256-value blocks) written as Q5_0" in out
@@ -203,8 +208,9 @@ def test_fallback_is_noted_and_calibration_file_errors_are_one_line(tmp_path, ca
     assert "calibration: " in capsys.readouterr().out
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"ok " * 100 + b"\xff\xfe" + b"x" * 100)
-    for source, message in ((str(tmp_path / "missing.txt"), "no such file"), (str(binary), "byte 300 is not UTF-8"),
-                            (str(tmp_path / "c.gguf.short"), "no such file")):
+    for source, message in ((str(tmp_path / "missing.txt"), "not a file"), (str(binary), "byte 300 is not UTF-8"),
+                            (str(tmp_path / "c.gguf"), r"c.gguf: byte \d+ is not UTF-8; give a text file$"),
+                            (str(folder), "not a file")):
         with pytest.raises(LmforgeError, match=message):
             export_gguf(folder, tmp_path / "x.gguf", quant="q4_0", calibration=source)
     (tmp_path / "short.txt").write_text("tiny")
@@ -234,8 +240,9 @@ def test_llama_cpp_runs_quantised_export_close_to_f32(k_model, tmp_path_factory,
     p_ref = np.exp(log_softmax(ref))
     kl = (p_ref * (log_softmax(ref) - log_softmax(got))).sum(-1).mean()
     top1 = (ref.argmax(-1) == got.argmax(-1)).mean()
-    # Measured (42 positions): q8_0 100% / KL 1e-4, q6_k 95% / 7e-4, 5-bit 93% / 2-3e-3, 4-bit 88-98% / 8-10e-3.
-    # A block in the wrong byte order would be noise: KL ~ the entropy (4.6 nats).
+    # Measured (42 positions; a random model's predictions are flat, 4.6 nats, so near-ties flip):
+    # q8_0 100% / KL 1e-4, q6_k 95% / 7e-4, 5-bit 88-93% / 2-2.6e-3, 4-bit 83-88% / 8-11e-3.
+    # A block in the wrong byte order would be noise: KL ~ the entropy.
     bits = {"q8_0": 8, "q6_k": 6, "q5_0": 5, "q5_1": 5, "q5_k": 5}.get(quant, 4)
-    assert top1 >= (0.97 if bits == 8 else 0.8), top1
-    assert kl < {8: 1e-3, 6: 3e-3, 5: 1e-2, 4: 3e-2}[bits], kl
+    assert top1 >= {8: 0.97, 6: 0.9, 5: 0.75, 4: 0.75}[bits], top1
+    assert kl < {8: 5e-4, 6: 3e-3, 5: 1e-2, 4: 3e-2}[bits], kl
