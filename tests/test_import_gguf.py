@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_export_gguf import randomize  # norm gains and biases off 1/0, as the export tests do
 
 from lmforge.checkpoint import build_model, load_model, save_model_folder
 from lmforge.cli import main
@@ -44,16 +45,6 @@ def tok() -> Tokenizer:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(encoding="utf-8", errors="replace")[:3000] for p in sorted(stdlib.glob("*.py"))[:20]]
     return Tokenizer.train(texts, vocab_size=300)
-
-
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Norm gains and biases away from 1/0, so a misplaced one shows up in the values."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 def llama_config(tok, **overrides) -> ModelConfig:
