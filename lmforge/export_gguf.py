@@ -307,7 +307,7 @@ def plan_tensors(hp: Hparams, header: dict[str, dict], path: Path, matrix_qtype,
             return transform(t) if transform else t
 
         qtype, wanted = (Q.F32, Q.F32) if keep_f32 else matrix_type(dst, shape)
-        # A tied head's rounding is weighted by the head's inputs: llama.cpp multiplies by it.
+        # token_embd doubling as the head: rounding weighted by the head's inputs, the matmul it runs in.
         source = "lm_head.weight" if dst == "token_embd.weight" and not has_output else src
         plan.append(PlannedTensor(dst, tuple(shape), qtype, load, source, wanted))
     if hp.model_type == "gpt2" and hp.tie_word_embeddings:
