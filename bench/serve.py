@@ -159,6 +159,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_server(server: subprocess.Popen, port: int, seconds: float, log_text) -> None:
+    """Until the server accepts connections on `port`; exit with its log's tail if it dies first."""
+    for _ in range(int(seconds * 10)):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if server.poll() is not None:
+                sys.exit(f"the server exited: {log_text()[-2000:]}")
+            time.sleep(0.1)
+
+
 def add_model_args(p: argparse.ArgumentParser, context: int) -> None:
     """--model, or the shape of the random model make_model_folder builds."""
     p.add_argument("--model", help="an lmforge model folder (default: random weights of the shape below)")
@@ -201,14 +213,7 @@ def main() -> None:
                                *(["--workers", str(args.workers)] if args.workers else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     try:
-        for _ in range(600):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    sys.exit(f"the server exited: {server.stderr.read().decode()[-2000:]}")
-                time.sleep(0.1)
+        wait_for_server(server, port, 60, lambda: server.stderr.read().decode())
         asyncio.run(run_level(port, "bench", prompts[:4], 2, 8, 2))  # warm-up
         rows = []
         for c in [int(x) for x in args.levels.split(",")]:

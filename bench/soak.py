@@ -27,7 +27,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import add_model_args, free_port, make_model_folder  # noqa: E402 - bench/serve.py: the same random model
+from serve import add_model_args, free_port, make_model_folder, wait_for_server  # noqa: E402 - bench/serve.py: the same random model
 
 ADMIN = "soak-admin-" + "k" * 32
 CUT = object()  # the client closes on purpose: no answer is expected
@@ -157,14 +156,7 @@ def main() -> None:
                                "--kv-cache-gb", "0.01"],
                               stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "wb"), env=env)
     try:
-        for _ in range(1200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    sys.exit(f"the server exited: {(work / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.1)
+        wait_for_server(server, port, 120, lambda: (work / "server.log").read_text())
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v1/admin/keys", body=json.dumps({"name": "soak"}),
                      headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"})
