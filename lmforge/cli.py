@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from lmforge.base import LmforgeError, missing_module
+from lmforge.interp.cli import add_inspect_parser
 
 _ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr0\\])")
 _ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\"}
@@ -443,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_run_args, _add_data_args, _add_tokenizer_args, _add_pretrain_args, _add_generate_args,
                 _add_chat_args, _add_sft_args, _add_preference_args, _add_rl_args,
                 _add_eval_args, _add_serve_args, _add_export_args,
-                _add_import_args, _add_keys_args, _add_usage_args):
+                _add_import_args, _add_keys_args, _add_usage_args, add_inspect_parser):
         add(sub)
     return parser
 
@@ -825,7 +826,7 @@ COMMANDS = {"run": cmd_run, "data": cmd_data, "tokenizer": cmd_tokenizer, "pretr
             "generate": cmd_generate, "chat": cmd_chat, "sft": cmd_sft, "dpo": cmd_dpo,
             "reward-model": cmd_reward_model, "rl": cmd_rl,
             "eval": cmd_eval, "export": cmd_export, "import": cmd_import, "serve": cmd_serve, "keys": cmd_keys,
-            "usage": cmd_usage}
+            "usage": cmd_usage, "inspect": lambda args: args.func(args)}
 
 
 def main(argv: list[str] | None = None) -> int:
