@@ -58,5 +58,7 @@ def add_inspect_parser(sub) -> None:
                        description="Interpretability on a run's or an imported model: every command loads the model "
                                    "in fp32 and reads it through named hook points (lmforge/interp).")
     isub = p.add_subparsers(dest="inspect_command", required=True, metavar="COMMAND")
-    for add in (_add_hooks,):
+    from lmforge.interp.cli_embeddings import _add_embeddings
+
+    for add in (_add_hooks, _add_embeddings):
         add(isub)
